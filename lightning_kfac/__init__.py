@@ -1,0 +1,8 @@
+"""Distributed K-FAC preconditioning for PyTorch Lightning."""
+
+from lightning_kfac.callback import KFACCallback
+from lightning_kfac.schedules import ExponentialDecay, StepDecay
+
+__version__ = "0.1.0"
+
+__all__ = ["ExponentialDecay", "KFACCallback", "StepDecay", "__version__"]

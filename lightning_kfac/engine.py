@@ -1,0 +1,233 @@
+"""The K-FAC step: running factors, decompositions and preconditioned gradients.
+
+``KFACEngine`` is plain PyTorch: it owns the blocks' factor capture, their running averages
+and decompositions, and turns the gradients in ``.grad`` into preconditioned ones in place.
+The Lightning callback only tells it when a batch starts and when the optimizer is about to
+step.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.blocks import LayerBlock
+from lightning_kfac.capture import FactorCapture
+from lightning_kfac.decomposition import Eigen, symmetric_eigen
+from lightning_kfac.distribution import EigenPairs, FactorPairs, LocalDistribution
+from lightning_kfac.factors import KroneckerFactors
+from lightning_kfac.options import KFACOptions
+from lightning_kfac.preconditioning import kl_clip_scale, precondition
+
+
+@dataclass
+class StepStats:
+    """What one K-FAC step did, for logging.
+
+    ``kl_scale`` is a 0-dim tensor (reading it synchronises with the device).
+    """
+
+    step: int
+    damping: float
+    kl_scale: Tensor | None = None
+    factors_updated: bool = False
+    decomposed: bool = False
+    factor_seconds: float = 0.0
+    decomposition_seconds: float = 0.0
+
+
+@dataclass
+class Counters:
+    """Running counts of notable events (all ranks alike under data parallelism)."""
+
+    skipped_batches: int = 0
+    decompositions: int = 0
+    decomposition_fallbacks: Counter = field(default_factory=Counter)
+
+
+class KFACEngine:
+    """K-FAC for a fixed set of layer blocks.
+
+    Args:
+        blocks: ``{module name: block}``.
+        options: the hyperparameters.
+        distribution: how work is shared between processes (default: single process).
+        warn: called with a message for conditions reported once (default ``warnings.warn``).
+    """
+
+    def __init__(
+        self,
+        blocks: Mapping[str, LayerBlock],
+        options: KFACOptions,
+        distribution: Any = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.blocks = dict(blocks)
+        self.options = options
+        self.distribution = distribution or LocalDistribution()
+        self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
+        self.capture = FactorCapture(
+            self.blocks, loss_reduction=options.loss_reduction, dtype=options.dtype
+        )
+        self.running = {name: KroneckerFactors() for name in self.blocks}
+        self.reduced: FactorPairs = {}
+        self.eigens: EigenPairs = {}
+        self.steps = 0
+        self.counters = Counters()
+        self._reported_silent = False
+        self.distribution.setup(self.blocks)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Install the hooks."""
+        self.capture.attach()
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        self.capture.detach()
+
+    def start_microbatch(self, loss_scale: float | Tensor = 1.0) -> None:
+        """Called before each forward pass of training: arms the hooks on factor steps."""
+        if self.options.is_factor_step(self.steps):
+            self.capture.start_microbatch(loss_scale)
+        else:
+            self.capture.stop()
+
+    # -- the step --------------------------------------------------------------------------
+
+    def step(self, param_groups: Iterable[Mapping[str, Any]]) -> StepStats:
+        """Precondition the gradients of the registered layers, in place.
+
+        Call after backward (and after AMP unscaling), before the optimizer steps.
+
+        Args:
+            param_groups: the optimizer's param groups; each layer's learning rate (for the
+                KL clip) is that of the group holding its weight, and layers whose weight is
+                in no group are left alone.
+        """
+        param_groups = list(param_groups)
+        step = self.steps
+        stats = StepStats(step=step, damping=self.options.damping_at(step))
+        self.capture.stop()
+        if self.options.is_factor_step(step):
+            start = time.perf_counter()
+            stats.factors_updated = self._update_factors(self.options.factor_decay_at(step))
+            stats.factor_seconds = time.perf_counter() - start
+        if self.options.is_inverse_step(step):
+            start = time.perf_counter()
+            self._update_decompositions(stats.damping)
+            stats.decomposed = True
+            stats.decomposition_seconds = time.perf_counter() - start
+        stats.kl_scale = self._precondition(param_groups, stats.damping, step)
+        self._apply_momentum(param_groups, step)
+        self.steps += 1
+        return stats
+
+    def _update_factors(self, decay: float) -> bool:
+        batch = self.capture.pop()
+        self._report_silent(batch)
+        update = self.distribution.combine_batch(batch)
+        if update is None:
+            self.counters.skipped_batches += 1
+            return False
+        for name, (A, G) in update.items():
+            self.running[name].update(A, G, decay)
+        return True
+
+    def _report_silent(self, batch: Mapping[str, Any]) -> None:
+        if self._reported_silent:
+            return
+        self._reported_silent = True
+        silent = [name for name in self.blocks if name not in batch]
+        if silent:
+            self.warn(
+                "K-FAC: no forward/backward pass reached these registered layers on the first "
+                f"factor step: {silent}. They keep their plain gradient until one does."
+            )
+
+    def _update_decompositions(self, damping: float) -> None:
+        self.reduced = self.distribution.global_factors(self.running)
+        fresh = self.distribution.decompose(self.reduced, lambda m: self._decompose(m, damping))
+        for name, (eigen_a, eigen_g) in fresh.items():
+            old_a, old_g = self.eigens.get(name, (None, None))
+            self.eigens[name] = (eigen_a or old_a, eigen_g or old_g)
+
+    def _decompose(self, matrix: Tensor, damping: float) -> Eigen | None:
+        eigen, report = symmetric_eigen(matrix, damping)
+        self.counters.decompositions += 1
+        if report.outcome != "ok":
+            self.counters.decomposition_fallbacks[report.outcome] += 1
+            self.warn(
+                f"K-FAC: an eigendecomposition needed a fallback ({report.outcome}"
+                + (f", added {report.jitter:.3g} I" if report.jitter else "")
+                + "); the previous decomposition is kept if it failed."
+            )
+        return eigen
+
+    def _precondition(
+        self, param_groups: list[Mapping[str, Any]], damping: float, step: int
+    ) -> Tensor | None:
+        learning_rates = {id(p): group["lr"] for group in param_groups for p in group["params"]}
+        grads = {}
+        for name, block in self.blocks.items():
+            if id(block.module.weight) not in learning_rates:
+                continue
+            grad = block.gradient()
+            if grad is not None:
+                grads[name] = grad
+
+        def apply(name: str, grad: Tensor) -> Tensor:
+            eigen_a, eigen_g = self.eigens.get(name, (None, None))
+            if eigen_a is None or eigen_g is None:
+                return grad
+            work = grad.to(eigen_a.vectors.dtype)
+            result = precondition(work, eigen_g, eigen_a, damping, self.options.damping_method)
+            return result.to(grad.dtype)
+
+        preconditioned = self.distribution.precondition(grads, apply)
+        kl_clip = self.options.kl_clip_at(step)
+        scale = None
+        if kl_clip is not None and preconditioned:
+            inner = torch.stack(
+                [
+                    learning_rates[id(self.blocks[name].module.weight)] ** 2
+                    * (new.double() * grads[name].double()).sum()
+                    for name, new in preconditioned.items()
+                ]
+            ).sum()
+            scale = kl_clip_scale(inner, kl_clip)
+        for name, new in preconditioned.items():
+            if scale is not None:
+                new = new * scale.to(new.dtype)
+            self.blocks[name].set_gradient(new)
+        return scale
+
+    def _apply_momentum(self, param_groups: list[Mapping[str, Any]], step: int) -> None:
+        momentum = self.options.momentum_at(step)
+        if momentum is None:
+            return
+        for group in param_groups:
+            if "momentum" in group:
+                group["momentum"] = momentum
+            elif "betas" in group:
+                group["betas"] = (momentum, *tuple(group["betas"])[1:])
+
+    # -- introspection ---------------------------------------------------------------------
+
+    def factors(self) -> FactorPairs:
+        """``{name: (A, G)}``: the running averages the decompositions are computed from.
+
+        On one process these are the current running averages; under data parallelism, the
+        globally reduced factors as of the last decomposition step.
+        """
+        if self.distribution.world_size == 1:
+            return {name: (f.A, f.G) for name, f in self.running.items() if f.ready}
+        return dict(self.reduced)

@@ -1,0 +1,84 @@
+"""The preconditioned gradient and its step-size control (reference, sections 3 and 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_kfac.decomposition import Eigen
+
+DAMPING_METHODS = ("exact", "factored")
+
+
+def factored_damping(traces: Sequence[Tensor], damping: float) -> list[Tensor]:
+    """Per-factor damping for a product of k factors (reference, section 3).
+
+    Factor i gets ``(t_i / c) * damping**(1/k)`` with ``t_i = tr(F_i)/dim(F_i)`` and
+    ``c = (prod t_i)**(1/k)``; when any trace is zero every factor gets ``damping**(1/k)``
+    (``pi = 1``). For k = 2 this is ``pi * sqrt(damping)`` for A and ``sqrt(damping) / pi``
+    for G.
+
+    Args:
+        traces: k tensors of shape ``(groups,)``, the normalised traces ``t_i``.
+        damping: lambda.
+
+    Returns:
+        k tensors of shape ``(groups,)``.
+    """
+    k = len(traces)
+    root = damping ** (1.0 / k)
+    stacked = torch.stack(list(traces))  # (k, groups)
+    positive = (stacked > 0).all(dim=0)
+    safe = torch.where(positive, stacked, torch.ones_like(stacked))
+    geometric_mean = safe.log().mean(dim=0).exp()
+    ratios = torch.where(positive, safe / geometric_mean, torch.ones_like(safe))
+    return [ratio * root for ratio in ratios]
+
+
+def precondition(
+    grad: Tensor, eigen_g: Eigen, eigen_a: Eigen, damping: float, method: str = "exact"
+) -> Tensor:
+    """Apply the damped inverse Kronecker-factored curvature to a gradient.
+
+    ``exact``: ``(G (x) A + damping I)^-1 vec(V)``, i.e.
+    ``Q_G [(Q_G^T V Q_A) / (e_G e_A^T + damping)] Q_A^T``.
+    ``factored``: ``(G + (sqrt(damping)/pi) I)^-1 V (A + pi sqrt(damping) I)^-1``.
+
+    Args:
+        grad: V, ``(groups, g_dim, a_dim)``.
+        eigen_g: decomposition of G, ``(groups, g_dim, g_dim)``.
+        eigen_a: decomposition of A, ``(groups, a_dim, a_dim)``.
+        damping: lambda, applied now (a stale decomposition is re-damped with it).
+        method: ``"exact"`` or ``"factored"``.
+
+    Returns:
+        V', same shape as ``grad``.
+    """
+    rotated = eigen_g.vectors.mT @ grad @ eigen_a.vectors
+    if method == "exact":
+        denominator = eigen_g.values.unsqueeze(-1) * eigen_a.values.unsqueeze(-2) + damping
+    elif method == "factored":
+        damp_g, damp_a = factored_damping([eigen_g.traces, eigen_a.traces], damping)
+        denominator = (eigen_g.values + damp_g.unsqueeze(-1)).unsqueeze(-1) * (
+            eigen_a.values + damp_a.unsqueeze(-1)
+        ).unsqueeze(-2)
+    else:
+        raise ValueError(f"method must be one of {DAMPING_METHODS}, got {method!r}")
+    return eigen_g.vectors @ (rotated / denominator) @ eigen_a.vectors.mT
+
+
+def kl_clip_scale(weighted_inner: Tensor, kl_clip: float) -> Tensor:
+    """Fisher-norm step scale ``nu = min(1, sqrt(kl_clip / s))`` (reference, section 4).
+
+    Args:
+        weighted_inner: ``s = sum over layers of lr**2 * <V', V>``, a 0-dim tensor.
+        kl_clip: the clip constant c.
+
+    Returns:
+        nu as a 0-dim tensor on the same device (no host synchronisation); 1 when s <= 0.
+    """
+    positive = weighted_inner > 0
+    safe = torch.where(positive, weighted_inner, torch.ones_like(weighted_inner))
+    return torch.where(positive, (kl_clip / safe).sqrt().clamp(max=1.0), torch.ones_like(safe))

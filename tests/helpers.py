@@ -1,0 +1,97 @@
+"""Small models and synthetic data shared by the Trainer tests (importable by spawned ranks)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def classification_data(n: int = 256, features: int = 12, classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    w = torch.randn(features, classes, generator=generator)
+    y = (x @ w + 0.3 * torch.randn(n, classes, generator=generator)).argmax(1)
+    return TensorDataset(x, y)
+
+
+def sequence_data(n: int = 256, channels: int = 2, length: int = 16, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, length, generator=generator)
+    y = (x[:, 0, : length // 2].sum(1) > x[:, -1, length // 2 :].sum(1)).long()
+    return TensorDataset(x, y)
+
+
+def loader(dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle)
+
+
+class Classifier(L.LightningModule):
+    """A LightningModule around any network, with a choice of optimizer."""
+
+    def __init__(self, net: nn.Module, optimizer: str = "sgd", lr: float = 0.1) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer = optimizer
+        self.lr = lr
+        self.losses: list[float] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.optimizer == "adamw_groups":
+            decay = [p for n, p in self.named_parameters() if n.endswith("weight")]
+            rest = [p for n, p in self.named_parameters() if not n.endswith("weight")]
+            return torch.optim.AdamW(
+                [{"params": decay, "weight_decay": 0.01}, {"params": rest, "lr": self.lr / 2}],
+                lr=self.lr,
+            )
+        raise ValueError(self.optimizer)
+
+
+def mlp(features: int = 12, classes: int = 3, inplace: bool = False) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(features, 32),
+        nn.ReLU(inplace=inplace),
+        nn.Linear(32, 32),
+        nn.Tanh(),
+        nn.Linear(32, classes),
+    )
+
+
+def cnn(channels: int = 2, length: int = 16, classes: int = 2) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(channels, 8, 3, padding="same"),
+        nn.ReLU(inplace=True),
+        nn.Conv1d(8, 8, 3, stride=2, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * (length // 2), classes),
+    )
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
