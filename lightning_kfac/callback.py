@@ -139,7 +139,7 @@ class KFACCallback(Callback):
 
     @staticmethod
     def _loss_scale(trainer: pl.Trainer) -> float | Tensor:
-        """What Lightning multiplied the loss by before backward: ``1/k`` times a GradScaler's scale."""
+        """The factor Lightning multiplied the loss by: ``1/k``, times a GradScaler's scale."""
         scale: float | Tensor = 1.0 / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():

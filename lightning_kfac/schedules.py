@@ -9,10 +9,9 @@ classes below are ready-made callables that a LightningCLI config can name by cl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 #: A constant or a function of the optimizer step (0-based).
-Schedule = Union[float, Callable[[int], float]]
+Schedule = float | Callable[[int], float]
 
 
 def schedule_value(schedule: Schedule, step: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
 
 import pytest
@@ -105,7 +106,7 @@ def test_in_place_relu_gives_same_factors_as_out_of_place():
 
 def test_adam_param_groups_and_gradient_clipping_see_preconditioned_gradient():
     class ClipProbe(Classifier):
-        clipped_norms: list[float] = []
+        clipped_norms: typing.ClassVar[list[float]] = []
 
         def configure_gradient_clipping(
             self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

@@ -40,7 +40,7 @@ def captured_factors(layer: nn.Module, block, x, target, reduction: str, calls: 
 
 
 def reference_factors(layer, rows_of, x, target, calls: int = 1):
-    """Per-example loop: a-rows from an explicit patch builder, g-hat from each example's own loss."""
+    """Per-example loop: a-rows from explicit patches, g-hat from each example's own loss."""
     n = x.shape[0]
     a_terms, g_terms, row_count = [], [], 0
     for i in range(n):
