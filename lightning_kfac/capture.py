@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -51,20 +52,11 @@ def gram(rows: Tensor, homogeneous: bool) -> Tensor:
         rows: ``(groups, M, d)``.
 
     Returns:
-        ``(groups, d, d)``, or ``(groups, d + 1, d + 1)`` when ``homogeneous``, built without
-        copying ``rows`` to append the ones column.
+        ``(groups, d, d)``, or ``(groups, d + 1, d + 1)`` when ``homogeneous``.
     """
-    product = rows.mT @ rows
-    if not homogeneous:
-        return product
-    groups, count, d = rows.shape
-    out = rows.new_empty(groups, d + 1, d + 1)
-    out[:, :d, :d] = product
-    column_sums = rows.sum(dim=1)
-    out[:, :d, d] = column_sums
-    out[:, d, :d] = column_sums
-    out[:, d, d] = count
-    return out
+    if homogeneous:
+        rows = F.pad(rows, (0, 1), value=1.0)
+    return rows.mT @ rows
 
 
 class FactorCapture:
