@@ -7,11 +7,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_kfac.discovery import discover, summary_table
+from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.engine import KFACEngine, StepStats
 from lightning_kfac.options import KFACOptions
 from lightning_kfac.schedules import Schedule
@@ -95,7 +97,12 @@ class KFACCallback(Callback):
                 "precondition; training continues with the plain optimizer."
             )
             return
-        self.engine = KFACEngine(found.blocks, self.options, warn=rank_zero_warn)
+        self.engine = KFACEngine(
+            found.blocks,
+            self.options,
+            distribution=self._distribution(trainer),
+            warn=rank_zero_warn,
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
@@ -136,6 +143,21 @@ class KFACCallback(Callback):
     def _detach(self) -> None:
         if self.engine is not None:
             self.engine.detach()
+
+    @staticmethod
+    def _distribution(trainer: pl.Trainer):
+        """The strategy's K-FAC distribution; under any other multi-process strategy, factors
+        are still reduced (default options) so that replicas never diverge."""
+        make = getattr(trainer.strategy, "kfac_distribution", None)
+        if make is not None:
+            return make()
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            rank_zero_info(
+                "KFACCallback: reducing factors over ranks with default options; use "
+                'strategy="kfac_ddp" to configure K-FAC\'s distribution.'
+            )
+            return DataParallelDistribution()
+        return None
 
     @staticmethod
     def _loss_scale(trainer: pl.Trainer) -> float | Tensor:

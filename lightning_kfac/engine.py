@@ -49,6 +49,7 @@ class Counters:
 
     skipped_batches: int = 0
     decompositions: int = 0
+    decomposition_seconds: float = 0.0
     decomposition_fallbacks: Counter = field(default_factory=Counter)
 
 
@@ -82,7 +83,7 @@ class KFACEngine:
         self.steps = 0
         self.counters = Counters()
         self._reported_silent = False
-        self.distribution.setup(self.blocks)
+        self.distribution.setup(self.blocks, options.dtype)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -154,14 +155,17 @@ class KFACEngine:
             )
 
     def _update_decompositions(self, damping: float) -> None:
-        self.reduced = self.distribution.global_factors(self.running)
-        fresh = self.distribution.decompose(self.reduced, lambda m: self._decompose(m, damping))
+        self.reduced, fresh = self.distribution.refresh(
+            self.running, lambda matrix: self._decompose(matrix, damping)
+        )
         for name, (eigen_a, eigen_g) in fresh.items():
             old_a, old_g = self.eigens.get(name, (None, None))
             self.eigens[name] = (eigen_a or old_a, eigen_g or old_g)
 
     def _decompose(self, matrix: Tensor, damping: float) -> Eigen | None:
+        start = time.perf_counter()
         eigen, report = symmetric_eigen(matrix, damping)
+        self.counters.decomposition_seconds += time.perf_counter() - start
         self.counters.decompositions += 1
         if report.outcome != "ok":
             self.counters.decomposition_fallbacks[report.outcome] += 1

@@ -6,7 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 
 def classification_data(n: int = 256, features: int = 12, classes: int = 3, seed: int = 0):
@@ -95,3 +95,23 @@ def trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+class InterleavedData(L.LightningDataModule):
+    """Rank r of R takes examples r, r + R, ... in order, so that R ranks with local batch
+    size b see exactly the examples of one process with batch size R * b.
+
+    Use with ``Trainer(use_distributed_sampler=False)``.
+    """
+
+    def __init__(self, dataset, batch_size: int) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = DistributedSampler(
+            self.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+        )
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)

@@ -1,0 +1,80 @@
+"""``KFACDDPStrategy`` (``strategy="kfac_ddp"``): Lightning's DDP plus K-FAC's distribution."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+from lightning_kfac.communication import Collectives
+from lightning_kfac.distribution import PRECONDITION_MODES, DataParallelDistribution
+
+
+class KFACDDPStrategy(DDPStrategy):
+    """Distributed data parallel in which K-FAC reduces factors and delegates inversions.
+
+    Takes every argument of ``DDPStrategy`` (passed through) plus the K-FAC distribution
+    options. Used with ``KFACCallback``; registered as ``"kfac_ddp"`` when ``lightning_kfac``
+    is imported, so ``Trainer(strategy="kfac_ddp", devices=N)`` works.
+
+    Args:
+        kfac_reduce_every_update: reduce the factors over ranks on every factor update
+            instead of only on decomposition steps (the default, exact and
+            ``inv_update_freq / factor_update_freq`` times less traffic).
+        kfac_pack_triangular: send only the upper triangle of each symmetric factor.
+        kfac_precondition_mode: ``"shared"`` (communication-optimised: decompositions are
+            broadcast and every rank preconditions its own gradient) or ``"owner"``
+            (memory-optimised: each decomposition stays on its owner, which preconditions
+            its layers and broadcasts their gradients).
+        kfac_bucket_cap_mb: the largest buffer handed to one K-FAC collective, in MiB.
+        *args: ``DDPStrategy`` arguments.
+        **kwargs: ``DDPStrategy`` keyword arguments (``start_method``,
+            ``process_group_backend``, ``timeout``, DDP's own options, ...).
+
+    Raises:
+        ValueError: for an invalid K-FAC option, at construction.
+    """
+
+    strategy_name = "kfac_ddp"
+
+    def __init__(
+        self,
+        *args: Any,
+        kfac_reduce_every_update: bool = False,
+        kfac_pack_triangular: bool = True,
+        kfac_precondition_mode: Literal["shared", "owner"] = "shared",
+        kfac_bucket_cap_mb: float = 25.0,
+        **kwargs: Any,
+    ) -> None:
+        if kfac_precondition_mode not in PRECONDITION_MODES:
+            raise ValueError(
+                f"kfac_precondition_mode must be one of {PRECONDITION_MODES}, "
+                f"got {kfac_precondition_mode!r}"
+            )
+        if not kfac_bucket_cap_mb > 0:
+            raise ValueError(
+                f"kfac_bucket_cap_mb must be a positive number, got {kfac_bucket_cap_mb}"
+            )
+        super().__init__(*args, **kwargs)
+        self.kfac_reduce_every_update = kfac_reduce_every_update
+        self.kfac_pack_triangular = kfac_pack_triangular
+        self.kfac_precondition_mode = kfac_precondition_mode
+        self.kfac_bucket_cap_mb = kfac_bucket_cap_mb
+
+    def kfac_distribution(self) -> DataParallelDistribution:
+        """The K-FAC distribution over this strategy's process group (called at fit set-up)."""
+        return DataParallelDistribution(
+            Collectives(),
+            reduce_every_update=self.kfac_reduce_every_update,
+            pack_triangular=self.kfac_pack_triangular,
+            precondition_mode=self.kfac_precondition_mode,
+            bucket_cap_mb=self.kfac_bucket_cap_mb,
+        )
+
+
+if KFACDDPStrategy.strategy_name not in StrategyRegistry:
+    StrategyRegistry.register(
+        KFACDDPStrategy.strategy_name,
+        KFACDDPStrategy,
+        description="DDP with K-FAC factor reduction and delegated inversions",
+    )
