@@ -12,11 +12,24 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_kfac.capture import LossScale
 from lightning_kfac.discovery import discover, summary_table
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.engine import KFACEngine, StepStats
 from lightning_kfac.options import KFACOptions
 from lightning_kfac.schedules import Schedule
+
+#: Metrics logged under ``kfac/``: the damping, the KL-clip scale nu, the number of
+#: registered layers, host milliseconds in factor updates and in decompositions this step,
+#: and the count of factor batches skipped as non-finite.
+METRICS = (
+    "damping",
+    "kl_scale",
+    "layers",
+    "factor_update_ms",
+    "decomposition_ms",
+    "skipped_batches",
+)
 
 
 class KFACCallback(Callback):
@@ -44,6 +57,12 @@ class KFACCallback(Callback):
         exclude: glob patterns of module names never to register.
         factor_dtype: ``"float32"`` or ``"float64"``, the dtype of factors and decompositions.
         verbose: print the table of registered and skipped layers at fit start.
+        log_every_n_steps: send K-FAC's metrics (``kfac/...``, see ``METRICS``) to the
+            Trainer's loggers every this many optimizer steps (reading the KL-clip scale then
+            costs one host synchronisation); None uses the Trainer's ``log_every_n_steps``,
+            0 turns logging off.
+        progress_bar: metric names (from ``METRICS``, without the ``kfac/`` prefix) also shown
+            in the progress bar.
 
     Raises:
         ValueError: at construction, for any invalid argument, naming it and what is allowed.
@@ -63,6 +82,8 @@ class KFACCallback(Callback):
         exclude: Sequence[str] = (),
         factor_dtype: Literal["float32", "float64"] = "float32",
         verbose: bool = True,
+        log_every_n_steps: int | None = None,
+        progress_bar: Sequence[str] = (),
     ) -> None:
         self.options = KFACOptions(
             damping=damping,
@@ -80,6 +101,21 @@ class KFACCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude)
         self.verbose = verbose
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or log_every_n_steps < 0
+        ):
+            raise ValueError(
+                f"log_every_n_steps must be None or an integer >= 0, got {log_every_n_steps!r}"
+            )
+        unknown = sorted(set(progress_bar) - set(METRICS))
+        if isinstance(progress_bar, str) or unknown:
+            raise ValueError(
+                f"progress_bar must be a list of metric names from {METRICS}, got {progress_bar!r}"
+            )
+        self.log_every_n_steps = log_every_n_steps
+        self.progress_bar = list(progress_bar)
         self.engine: KFACEngine | None = None
         self.last_stats: StepStats | None = None
 
@@ -125,8 +161,36 @@ class KFACCallback(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.engine is not None:
-            self.last_stats = self.engine.step(optimizer.param_groups)
+        if self.engine is None:
+            return
+        if self._scaler_found_inf(trainer, optimizer):
+            self.engine.skip_step()  # the scaler skips the optimizer step; so does K-FAC
+            return
+        self.last_stats = self.engine.step(optimizer.param_groups)
+        self._log(trainer, pl_module, self.last_stats)
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        """Constant, so that changing hyperparameters does not orphan the saved state."""
+        return "KFACCallback"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, running factors, the factors behind the current decompositions and
+        counters (tensors, dicts and primitives only). Schedules are functions of the step,
+        so the step counter is all their state."""
+        return {} if self.engine is None else self.engine.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.engine is None:
+            raise ValueError(
+                "K-FAC: the checkpoint holds K-FAC state for layers "
+                f"{sorted(state_dict.get('layers', {}))}, but this model has no registered layer"
+            )
+        self.engine.load_state_dict(state_dict)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -139,6 +203,42 @@ class KFACCallback(Callback):
         return {} if self.engine is None else self.engine.factors()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stats: StepStats) -> None:
+        interval = self.log_every_n_steps
+        if interval is None:
+            interval = trainer.log_every_n_steps
+        if not interval or stats.step % interval:
+            return
+        values = {
+            "damping": stats.damping,
+            "kl_scale": 1.0 if stats.kl_scale is None else float(stats.kl_scale),
+            "layers": float(len(self.engine.blocks)),
+            "factor_update_ms": 1000 * stats.factor_seconds,
+            "decomposition_ms": 1000 * stats.decomposition_seconds,
+            "skipped_batches": float(self.engine.counters.skipped_batches),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics({f"kfac/{k}": v for k, v in values.items()}, step=stats.step)
+        for name in self.progress_bar:
+            pl_module.log(
+                f"kfac/{name}",
+                values[name],
+                prog_bar=True,
+                logger=False,
+                on_step=True,
+                on_epoch=False,
+                batch_size=1,
+            )
+
+    @staticmethod
+    def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether a GradScaler found non-finite gradients (and will skip this step)."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return False
+        found = scaler._found_inf_per_device(optimizer)
+        return bool(found) and bool(torch.stack([f.cpu() for f in found.values()]).sum() > 0)
 
     def _detach(self) -> None:
         if self.engine is not None:
@@ -160,10 +260,11 @@ class KFACCallback(Callback):
         return None
 
     @staticmethod
-    def _loss_scale(trainer: pl.Trainer) -> float | Tensor:
-        """The factor Lightning multiplied the loss by: ``1/k``, times a GradScaler's scale."""
-        scale: float | Tensor = 1.0 / trainer.accumulate_grad_batches
+    def _loss_scale(trainer: pl.Trainer) -> LossScale:
+        """The factor Lightning multiplied the loss by: ``1/k``, times a GradScaler's scale
+        (read during backward, when the scaler's scale tensor exists; no host sync)."""
+        accumulation = 1.0 / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler._scale * scale if scaler._scale is not None else scale
-        return scale
+        if scaler is None or not scaler.is_enabled():
+            return accumulation
+        return lambda: scaler._scale * accumulation

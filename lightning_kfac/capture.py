@@ -9,7 +9,8 @@ one forward pass contributes its rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.blocks import LayerBlock
+
+#: What the loss was multiplied by before backward: a number, a tensor, or a callable read
+#: during backward (a GradScaler creates its scale tensor lazily, in its first ``scale``).
+LossScale = float | Tensor | Callable[[], float | Tensor]
 
 
 @dataclass
@@ -75,10 +80,13 @@ class FactorCapture:
         self.loss_reduction = loss_reduction
         self.dtype = dtype
         self.armed = False
-        self._loss_scale: float | Tensor = 1.0
+        self._loss_scale: LossScale = 1.0
         self._sums = {name: _Sums() for name in self.blocks}
         self._counted: set[str] = set()
         self._handles: list[RemovableHandle] = []
+        #: Host seconds spent inside the hooks since the last ``pop`` (on a GPU this is the
+        #: time to launch the kernels, not to run them).
+        self.seconds = 0.0
 
     def attach(self) -> None:
         """Register the forward hooks (idempotent)."""
@@ -95,7 +103,7 @@ class FactorCapture:
         self._handles.clear()
         self.armed = False
 
-    def start_microbatch(self, loss_scale: float | Tensor = 1.0) -> None:
+    def start_microbatch(self, loss_scale: LossScale = 1.0) -> None:
         """Arm the hooks for one forward/backward pass.
 
         Args:
@@ -120,6 +128,7 @@ class FactorCapture:
                     A=sums.a_sum / sums.rows, G=sums.g_sum / sums.examples, examples=sums.examples
                 )
         self._sums = {name: _Sums() for name in self.blocks}
+        self.seconds = 0.0
         return result
 
     def _forward_hook(self, name: str, block: LayerBlock):
@@ -128,6 +137,7 @@ class FactorCapture:
                 return
             if not output.requires_grad:
                 return
+            start = time.perf_counter()
             x = args[0] if args else next(iter(kwargs.values()))
             batch_size = x.shape[0] if x.dim() > 1 else 1
             with torch.autocast(x.device.type, enabled=False), torch.no_grad():
@@ -140,19 +150,21 @@ class FactorCapture:
                 self._counted.add(name)
                 sums.examples += batch_size
             output.register_hook(self._gradient_hook(name, block, batch_size, self._loss_scale))
+            self.seconds += time.perf_counter() - start
 
         return hook
 
-    def _gradient_hook(
-        self, name: str, block: LayerBlock, batch_size: int, loss_scale: float | Tensor
-    ):
+    def _gradient_hook(self, name: str, block: LayerBlock, batch_size: int, loss_scale: LossScale):
         per_example = batch_size if self.loss_reduction == "mean" else 1
 
         def hook(grad: Tensor) -> None:
+            start = time.perf_counter()
+            scale = loss_scale() if callable(loss_scale) else loss_scale
             with torch.autocast(grad.device.type, enabled=False), torch.no_grad():
-                rows = block.output_rows(grad.to(self.dtype)) * (per_example / loss_scale)
+                rows = block.output_rows(grad.to(self.dtype)) * (per_example / scale)
                 sums = self._sums[name]
                 contribution = rows.mT @ rows
                 sums.g_sum = contribution if sums.g_sum is None else sums.g_sum + contribution
+            self.seconds += time.perf_counter() - start
 
         return hook

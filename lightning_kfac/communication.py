@@ -8,10 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+@lru_cache(maxsize=256)
+def _upper_indices(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    rows, cols = torch.triu_indices(d, d, device=device)
+    return rows, cols
 
 
 def pack(tensors: Sequence[Tensor], symmetric: bool) -> Tensor:
@@ -24,8 +31,7 @@ def pack(tensors: Sequence[Tensor], symmetric: bool) -> Tensor:
     parts = []
     for tensor in tensors:
         if symmetric:
-            d = tensor.shape[-1]
-            rows, cols = torch.triu_indices(d, d, device=tensor.device)
+            rows, cols = _upper_indices(tensor.shape[-1], tensor.device)
             tensor = tensor[..., rows, cols]
         parts.append(tensor.reshape(-1))
     return torch.cat(parts).contiguous()
@@ -36,8 +42,7 @@ def unpack(buffer: Tensor, shapes: Sequence[torch.Size], symmetric: bool) -> lis
     out, offset = [], 0
     for shape in shapes:
         if symmetric:
-            d = shape[-1]
-            rows, cols = torch.triu_indices(d, d, device=buffer.device)
+            rows, cols = _upper_indices(shape[-1], buffer.device)
             count = len(rows) * shape[:-2].numel()
             upper = buffer[offset : offset + count].reshape(*shape[:-2], len(rows))
             full = buffer.new_zeros(shape)

@@ -55,9 +55,20 @@ class LocalDistribution:
         factors: Mapping[str, KroneckerFactors],
         decompose: Callable[[Tensor], Eigen | None],
     ) -> tuple[FactorPairs, EigenPairs]:
-        """On a decomposition step: the global factors, and the decompositions kept here."""
-        pairs = {name: (f.A, f.G) for name, f in factors.items() if f.ready}
-        return pairs, {name: (decompose(A), decompose(G)) for name, (A, G) in pairs.items()}
+        """On a decomposition step: the global factors (a snapshot, not updated by later
+        steps), and the decompositions kept here."""
+        pairs = {name: (f.A.clone(), f.G.clone()) for name, f in factors.items() if f.ready}
+        return pairs, self.restore(pairs, decompose)
+
+    def restore(
+        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
+    ) -> EigenPairs:
+        """Decompositions from global factors as ``refresh`` returned them (after a resume)."""
+        return {name: (decompose(A), decompose(G)) for name, (A, G) in pairs.items()}
+
+    def checkpoint_factors(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
+        """The running factors to save: loading them on every rank resumes exactly."""
+        return {name: (f.A, f.G) for name, f in factors.items() if f.ready}
 
     def precondition(
         self, grads: Mapping[str, Tensor], apply: Callable[[str, Tensor], Tensor]
@@ -277,13 +288,41 @@ class DataParallelDistribution(LocalDistribution):
 
         if self.reduce_every_update:
             for index, tensor in enumerate(tensors):
-                arrived(index, tensor)
+                arrived(index, tensor.clone())
         else:
             for _, items in self._all_reduce_buckets(tensors):
                 for index, tensor in items:
                     arrived(index, tensor / self.world_size)
         pairs = {name: (reduced[(name, "A")], reduced[(name, "G")]) for name in ready}
         return pairs, self._share(mine, units, pairs)
+
+    def restore(
+        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
+    ) -> EigenPairs:
+        """Owners decompose saved global factors again and share them, as ``refresh`` does."""
+        units = [(name, kind) for name in self.names if name in pairs for kind in "AG"]
+        mine = {
+            (name, kind): decompose(pairs[name][0 if kind == "A" else 1])
+            for name, kind in units
+            if self._owner(name, kind) == self.rank
+        }
+        return self._share(mine, units, pairs)
+
+    def checkpoint_factors(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
+        """The mean over ranks of the running factors (a collective: every rank must call it).
+
+        The running average is linear, so every rank restarting from this mean continues
+        exactly as the uninterrupted run.
+        """
+        ready = [name for name in self.names if factors[name].ready]
+        if self.reduce_every_update:
+            return {name: (factors[name].A, factors[name].G) for name in ready}
+        tensors = [t for name in ready for t in (factors[name].A, factors[name].G)]
+        _, reduced = self._all_reduce(tensors)
+        return {
+            name: (reduced[2 * i] / self.world_size, reduced[2 * i + 1] / self.world_size)
+            for i, name in enumerate(ready)
+        }
 
     def _share(
         self,

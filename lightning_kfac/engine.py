@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_kfac.blocks import LayerBlock
-from lightning_kfac.capture import FactorCapture
+from lightning_kfac.capture import FactorCapture, LossScale
 from lightning_kfac.decomposition import Eigen, symmetric_eigen
 from lightning_kfac.distribution import EigenPairs, FactorPairs, LocalDistribution
 from lightning_kfac.factors import KroneckerFactors
@@ -83,6 +83,7 @@ class KFACEngine:
         self.steps = 0
         self.counters = Counters()
         self._reported_silent = False
+        self._restored_decompositions = False
         self.distribution.setup(self.blocks, options.dtype)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class KFACEngine:
         """Remove the hooks."""
         self.capture.detach()
 
-    def start_microbatch(self, loss_scale: float | Tensor = 1.0) -> None:
+    def start_microbatch(self, loss_scale: LossScale = 1.0) -> None:
         """Called before each forward pass of training: arms the hooks on factor steps."""
         if self.options.is_factor_step(self.steps):
             self.capture.start_microbatch(loss_scale)
@@ -120,11 +121,12 @@ class KFACEngine:
         self.capture.stop()
         if self.options.is_factor_step(step):
             start = time.perf_counter()
+            hook_seconds = self.capture.seconds
             stats.factors_updated = self._update_factors(self.options.factor_decay_at(step))
-            stats.factor_seconds = time.perf_counter() - start
-        if self.options.is_inverse_step(step):
+            stats.factor_seconds = hook_seconds + time.perf_counter() - start
+        if self.options.is_inverse_step(step) or self._restored_decompositions:
             start = time.perf_counter()
-            self._update_decompositions(stats.damping)
+            self._update_decompositions(stats.damping, reduce=self.options.is_inverse_step(step))
             stats.decomposed = True
             stats.decomposition_seconds = time.perf_counter() - start
         stats.kl_scale = self._precondition(param_groups, stats.damping, step)
@@ -154,11 +156,19 @@ class KFACEngine:
                 f"factor step: {silent}. They keep their plain gradient until one does."
             )
 
-    def _update_decompositions(self, damping: float) -> None:
-        self.reduced, fresh = self.distribution.refresh(
-            self.running, lambda matrix: self._decompose(matrix, damping)
-        )
-        for name, (eigen_a, eigen_g) in fresh.items():
+    def _update_decompositions(self, damping: float, reduce: bool = True) -> None:
+        """Reduce and decompose the global factors; after a resume (``reduce=False``),
+        decompose again the saved factors the interrupted run's decompositions came from."""
+        self._restored_decompositions = False
+
+        def decompose(matrix: Tensor) -> Eigen | None:
+            return self._decompose(matrix, damping)
+
+        if reduce:
+            self.reduced, eigens = self.distribution.refresh(self.running, decompose)
+        else:
+            eigens = self.distribution.restore(self.reduced, decompose)
+        for name, (eigen_a, eigen_g) in eigens.items():
             old_a, old_g = self.eigens.get(name, (None, None))
             self.eigens[name] = (eigen_a or old_a, eigen_g or old_g)
 
@@ -214,6 +224,12 @@ class KFACEngine:
             self.blocks[name].set_gradient(new)
         return scale
 
+    def skip_step(self) -> None:
+        """Drop this step's captured factors without counting the step (e.g. when a
+        GradScaler found non-finite gradients and will skip the optimizer step)."""
+        self.capture.stop()
+        self.capture.pop()
+
     def _apply_momentum(self, param_groups: list[Mapping[str, Any]], step: int) -> None:
         momentum = self.options.momentum_at(step)
         if momentum is None:
@@ -223,6 +239,67 @@ class KFACEngine:
                 group["momentum"] = momentum
             elif "betas" in group:
                 group["betas"] = (momentum, *tuple(group["betas"])[1:])
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's state: only tensors, dicts, lists and primitives (``weights_only``-safe).
+
+        Under data parallelism this is a collective (the running factors are averaged over
+        ranks), so every rank must call it, as Lightning's checkpointing does.
+        """
+        running = self.distribution.checkpoint_factors(self.running)
+        return {
+            "format": 1,
+            "steps": self.steps,
+            "layers": {
+                name: [list(s) for s in b.factor_shapes()] for name, b in self.blocks.items()
+            },
+            "running": {name: {"A": A, "G": G} for name, (A, G) in running.items()},
+            "decomposed": {name: {"A": A, "G": G} for name, (A, G) in self.reduced.items()},
+            "skipped_batches": self.counters.skipped_batches,
+            "decompositions": self.counters.decompositions,
+            "decomposition_fallbacks": dict(self.counters.decomposition_fallbacks),
+            "reported_silent": self._reported_silent,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``; decompositions are recomputed at the next step from the
+        saved factors they were computed from, so a resumed run continues exactly.
+
+        Raises:
+            ValueError: if the checkpoint's layers (names or factor shapes) differ from the
+                registered ones, naming them.
+        """
+        saved = {name: [tuple(s) for s in shapes] for name, shapes in state["layers"].items()}
+        current = {name: [tuple(s) for s in b.factor_shapes()] for name, b in self.blocks.items()}
+        if saved != current:
+            missing = sorted(set(saved) - set(current))
+            extra = sorted(set(current) - set(saved))
+            changed = sorted(n for n in set(saved) & set(current) if saved[n] != current[n])
+            raise ValueError(
+                "K-FAC: the checkpoint's registered layers differ from the model's: "
+                f"in the checkpoint only: {missing}; in the model only: {extra}; "
+                f"factor shapes changed: {changed}. Resume with the same model and the same "
+                "include/exclude patterns, or start K-FAC afresh without its callback state."
+            )
+        device = next(iter(self.blocks.values())).module.weight.device
+        self.steps = int(state["steps"])
+        self.running = {name: KroneckerFactors() for name in self.blocks}
+        for name, pair in state["running"].items():
+            self.running[name] = KroneckerFactors(pair["A"].to(device), pair["G"].to(device))
+        self.reduced = {
+            name: (pair["A"].to(device), pair["G"].to(device))
+            for name, pair in state["decomposed"].items()
+        }
+        self.eigens = {}
+        self._restored_decompositions = bool(self.reduced)
+        self.counters = Counters(
+            skipped_batches=int(state["skipped_batches"]),
+            decompositions=int(state["decompositions"]),
+            decomposition_fallbacks=Counter(state["decomposition_fallbacks"]),
+        )
+        self._reported_silent = bool(state["reported_silent"])
 
     # -- introspection ---------------------------------------------------------------------
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_kfac.communication import Collectives
 from lightning_kfac.distribution import PRECONDITION_MODES, DataParallelDistribution
+
+#: Keyword arguments passed through: DDPStrategy's own and DistributedDataParallel's.
+_PASS_THROUGH = sorted(
+    (
+        set(inspect.signature(DDPStrategy.__init__).parameters)
+        | set(inspect.signature(DistributedDataParallel.__init__).parameters)
+    )
+    - {"self", "module", "kwargs"}
+)
 
 
 class KFACDDPStrategy(DDPStrategy):
@@ -50,6 +61,13 @@ class KFACDDPStrategy(DDPStrategy):
             raise ValueError(
                 f"kfac_precondition_mode must be one of {PRECONDITION_MODES}, "
                 f"got {kfac_precondition_mode!r}"
+            )
+        unknown = sorted(set(kwargs) - set(_PASS_THROUGH))
+        if unknown:
+            raise ValueError(
+                f"KFACDDPStrategy got unknown options {unknown}. K-FAC options: "
+                "kfac_reduce_every_update, kfac_pack_triangular, kfac_precondition_mode, "
+                f"kfac_bucket_cap_mb; other options go to DDPStrategy/DDP: {_PASS_THROUGH}"
             )
         if not kfac_bucket_cap_mb > 0:
             raise ValueError(

@@ -115,3 +115,28 @@ class InterleavedData(L.LightningDataModule):
             self.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
         )
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+class StepIndexedClassifier(Classifier):
+    """Trains on batch ``global_step % batches`` of ``dataset`` whatever the dataloader
+    yields, so that a resumed run sees exactly the batches of an uninterrupted one however
+    the loop's epoch bookkeeping resumes. Rank r of R takes rows r, r + R, ... of each
+    global batch."""
+
+    def __init__(self, net: nn.Module, dataset: TensorDataset, batch_size: int, **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.dataset = dataset
+        self.batch_size = batch_size
+
+    def training_step(self, batch, batch_idx):
+        x, y = self.dataset.tensors
+        batches = len(x) // self.batch_size
+        start = (self.trainer.global_step % batches) * self.batch_size
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        rows = slice(start + rank, start + self.batch_size, world)
+        return super().training_step((x[rows], y[rows]), batch_idx)
+
+
+def dummy_loader(length: int = 10_000) -> DataLoader:
+    """Drives the training loop for ``StepIndexedClassifier``; its contents are unused."""
+    return DataLoader(TensorDataset(torch.zeros(length)), batch_size=1)

@@ -110,7 +110,12 @@ def reference():
         ("mlp", {"kfac_precondition_mode": "owner", "kfac_bucket_cap_mb": 0.002}),
         ("cnn", {"kfac_reduce_every_update": True, "kfac_pack_triangular": False}),
     ],
-    ids=["mlp-shared-lazy", "cnn-shared-lazy", "mlp-owner-small-buckets", "cnn-every-update-unpacked"],
+    ids=[
+        "mlp-shared-lazy",
+        "cnn-shared-lazy",
+        "mlp-owner-small-buckets",
+        "cnn-every-update-unpacked",
+    ],
 )
 def test_two_ranks_equal_one_process_with_double_batch(reference, kind, options, tmp_path):
     module, report = two_ranks(kind, tmp_path, **options)
@@ -154,3 +159,6 @@ def test_invalid_strategy_options_raise():
         KFACDDPStrategy(kfac_precondition_mode="fast")
     with pytest.raises(ValueError, match="kfac_bucket_cap_mb"):
         KFACDDPStrategy(kfac_bucket_cap_mb=0)
+    with pytest.raises(ValueError, match=r"unknown options \['kfac_precondition'\]"):
+        KFACDDPStrategy(kfac_precondition="owner")
+    KFACDDPStrategy(find_unused_parameters=True, start_method="spawn")  # passed through
