@@ -21,7 +21,8 @@ from lightning_kfac.schedules import Schedule
 
 #: Metrics logged under ``kfac/``: the damping, the KL-clip scale nu, the number of
 #: registered layers, host milliseconds in factor updates and in decompositions this step,
-#: and the count of factor batches skipped as non-finite.
+#: the count of factor batches skipped as non-finite, and the staleness (steps since the
+#: step whose factors the decompositions in use were computed from).
 METRICS = (
     "damping",
     "kl_scale",
@@ -29,6 +30,7 @@ METRICS = (
     "factor_update_ms",
     "decomposition_ms",
     "skipped_batches",
+    "staleness",
 )
 
 
@@ -56,6 +58,10 @@ class KFACCallback(Callback):
         include: glob patterns of module names to register (default: every supported one).
         exclude: glob patterns of module names never to register.
         factor_dtype: ``"float32"`` or ``"float64"``, the dtype of factors and decompositions.
+        staleness: 0 for synchronous decompositions; s in ``1..inv_update_freq`` computes
+            them in the background (a worker thread; a side stream on CUDA) from a snapshot of
+            the factors of their step t, while training goes on with the previous ones, and
+            installs them at step t + s. The first decomposition is always synchronous.
         verbose: print the table of registered and skipped layers at fit start.
         log_every_n_steps: send K-FAC's metrics (``kfac/...``, see ``METRICS``) to the
             Trainer's loggers every this many optimizer steps (reading the KL-clip scale then
@@ -81,6 +87,7 @@ class KFACCallback(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
         factor_dtype: Literal["float32", "float64"] = "float32",
+        staleness: int = 0,
         verbose: bool = True,
         log_every_n_steps: int | None = None,
         progress_bar: Sequence[str] = (),
@@ -95,6 +102,7 @@ class KFACCallback(Callback):
             loss_reduction=loss_reduction,
             momentum=momentum,
             factor_dtype=factor_dtype,
+            staleness=staleness,
         )
         if isinstance(include, str) or isinstance(exclude, str):
             raise ValueError("include and exclude must be lists of glob patterns, not a string")
@@ -145,12 +153,15 @@ class KFACCallback(Callback):
             self.engine.attach()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._detach()
+        self._close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self._detach()
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -217,6 +228,7 @@ class KFACCallback(Callback):
             "factor_update_ms": 1000 * stats.factor_seconds,
             "decomposition_ms": 1000 * stats.decomposition_seconds,
             "skipped_batches": float(self.engine.counters.skipped_batches),
+            "staleness": float(stats.step - (self.engine.decomposed_at or 0)),
         }
         for logger in trainer.loggers:
             logger.log_metrics({f"kfac/{k}": v for k, v in values.items()}, step=stats.step)
@@ -240,9 +252,10 @@ class KFACCallback(Callback):
         found = scaler._found_inf_per_device(optimizer)
         return bool(found) and bool(torch.stack([f.cpu() for f in found.values()]).sum() > 0)
 
-    def _detach(self) -> None:
+    def _close(self) -> None:
+        """Remove the hooks and join or cancel background decompositions (idempotent)."""
         if self.engine is not None:
-            self.engine.detach()
+            self.engine.close()
 
     @staticmethod
     def _distribution(trainer: pl.Trainer):

@@ -21,6 +21,8 @@ from lightning_kfac.factors import KroneckerFactors
 FactorPairs = dict[str, tuple[Tensor, Tensor]]
 #: ``(eigen of A, eigen of G)`` per block name; None where the decomposition failed.
 EigenPairs = dict[str, tuple[Eigen | None, Eigen | None]]
+#: Decompositions by ``(block name, "A" or "G")``.
+OwnedEigens = dict[tuple[str, str], Eigen | None]
 
 
 def all_finite(batch: Mapping[str, BatchFactors]) -> bool:
@@ -50,25 +52,34 @@ class LocalDistribution:
             return None
         return {name: (b.A, b.G) for name, b in batch.items()}
 
+    def reduce(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
+        """The global factors: a snapshot that later steps do not change."""
+        return {name: (f.A.clone(), f.G.clone()) for name, f in factors.items() if f.ready}
+
+    def decompose_owned(
+        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
+    ) -> OwnedEigens:
+        """Decompose the factors this process owns (all of them here). Local work only:
+        safe to run in a background thread."""
+        return {
+            (name, kind): decompose(pair[index])
+            for name, pair in pairs.items()
+            for index, kind in enumerate("AG")
+        }
+
+    def share(self, owned: OwnedEigens, pairs: FactorPairs) -> EigenPairs:
+        """The decompositions this process keeps, from those each process owns."""
+        return {name: (owned[(name, "A")], owned[(name, "G")]) for name in pairs}
+
     def refresh(
         self,
         factors: Mapping[str, KroneckerFactors],
         decompose: Callable[[Tensor], Eigen | None],
     ) -> tuple[FactorPairs, EigenPairs]:
-        """On a decomposition step: the global factors (a snapshot, not updated by later
-        steps), and the decompositions kept here."""
-        pairs = {name: (f.A.clone(), f.G.clone()) for name, f in factors.items() if f.ready}
-        return pairs, self.restore(pairs, decompose)
-
-    def restore(
-        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
-    ) -> EigenPairs:
-        """Decompositions from global factors as ``refresh`` returned them (after a resume)."""
-        return {name: (decompose(A), decompose(G)) for name, (A, G) in pairs.items()}
-
-    def checkpoint_factors(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
-        """The running factors to save: loading them on every rank resumes exactly."""
-        return {name: (f.A, f.G) for name, f in factors.items() if f.ready}
+        """On a synchronous decomposition step: the global factors and the decompositions
+        kept here."""
+        pairs = self.reduce(factors)
+        return pairs, self.share(self.decompose_owned(pairs, decompose), pairs)
 
     def precondition(
         self, grads: Mapping[str, Tensor], apply: Callable[[str, Tensor], Tensor]
@@ -264,6 +275,35 @@ class DataParallelDistribution(LocalDistribution):
                 out[name] = (A * weight, G * weight) if weight != 1.0 else (A, G)
         return out
 
+    def reduce(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
+        """The mean over ranks of the running factors (a collective: every rank calls it).
+
+        Also what a checkpoint saves: the running average is linear, so every rank
+        restarting from this mean continues exactly as the uninterrupted run.
+        """
+        ready = [name for name in self.names if factors[name].ready]
+        if self.reduce_every_update:
+            return {name: (factors[name].A.clone(), factors[name].G.clone()) for name in ready}
+        tensors = [t for name in ready for t in (factors[name].A, factors[name].G)]
+        _, reduced = self._all_reduce(tensors)
+        return {
+            name: (reduced[2 * i] / self.world_size, reduced[2 * i + 1] / self.world_size)
+            for i, name in enumerate(ready)
+        }
+
+    def _units(self, pairs: FactorPairs) -> list[tuple[str, str]]:
+        return [(name, kind) for name in self.names if name in pairs for kind in "AG"]
+
+    def decompose_owned(
+        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
+    ) -> OwnedEigens:
+        """Decompose the factors this rank owns. Local work only: safe in a background thread."""
+        return {
+            (name, kind): decompose(pairs[name][0 if kind == "A" else 1])
+            for name, kind in self._units(pairs)
+            if self._owner(name, kind) == self.rank
+        }
+
     def refresh(
         self,
         factors: Mapping[str, KroneckerFactors],
@@ -272,95 +312,62 @@ class DataParallelDistribution(LocalDistribution):
         """Reduce the running factors over ranks and decompose each on its owner.
 
         Lazily reduced factors arrive bucket by bucket; this rank decomposes the factors it
-        owns in each bucket while later buckets are still in flight. In shared mode the
-        decompositions are then broadcast by their owners.
+        owns in each bucket while later buckets are still in flight. The decompositions are
+        then shared (``share``).
         """
+        if self.reduce_every_update:
+            pairs = self.reduce(factors)
+            return pairs, self.share(self.decompose_owned(pairs, decompose), pairs)
         ready = [name for name in self.names if factors[name].ready]
         units = [(name, kind) for name in ready for kind in "AG"]
         tensors = [factors[name].A if kind == "A" else factors[name].G for name, kind in units]
         reduced: dict[tuple[str, str], Tensor] = {}
-        mine: dict[tuple[str, str], Eigen | None] = {}
-
-        def arrived(index: int, tensor: Tensor) -> None:
-            reduced[units[index]] = tensor
-            if self._owner(*units[index]) == self.rank:
-                mine[units[index]] = decompose(tensor)
-
-        if self.reduce_every_update:
-            for index, tensor in enumerate(tensors):
-                arrived(index, tensor.clone())
-        else:
-            for _, items in self._all_reduce_buckets(tensors):
-                for index, tensor in items:
-                    arrived(index, tensor / self.world_size)
+        owned: OwnedEigens = {}
+        for _, items in self._all_reduce_buckets(tensors):
+            for index, tensor in items:
+                unit = units[index]
+                reduced[unit] = tensor / self.world_size
+                if self._owner(*unit) == self.rank:
+                    owned[unit] = decompose(reduced[unit])
         pairs = {name: (reduced[(name, "A")], reduced[(name, "G")]) for name in ready}
-        return pairs, self._share(mine, units, pairs)
+        return pairs, self.share(owned, pairs)
 
-    def restore(
-        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
-    ) -> EigenPairs:
-        """Owners decompose saved global factors again and share them, as ``refresh`` does."""
-        units = [(name, kind) for name in self.names if name in pairs for kind in "AG"]
-        mine = {
-            (name, kind): decompose(pairs[name][0 if kind == "A" else 1])
-            for name, kind in units
-            if self._owner(name, kind) == self.rank
-        }
-        return self._share(mine, units, pairs)
+    def share(self, owned: OwnedEigens, pairs: FactorPairs) -> EigenPairs:
+        """The decompositions this rank keeps: its own (owner mode) or, after the owners'
+        broadcasts, everyone's (shared mode, a collective).
 
-    def checkpoint_factors(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
-        """The mean over ranks of the running factors (a collective: every rank must call it).
-
-        The running average is linear, so every rank restarting from this mean continues
-        exactly as the uninterrupted run.
+        In shared mode every rank, the owner included, reads the decompositions back from
+        the broadcast buffers: identical memory layouts give bitwise identical
+        preconditioning on every rank.
         """
-        ready = [name for name in self.names if factors[name].ready]
-        if self.reduce_every_update:
-            return {name: (factors[name].A, factors[name].G) for name in ready}
-        tensors = [t for name in ready for t in (factors[name].A, factors[name].G)]
-        _, reduced = self._all_reduce(tensors)
-        return {
-            name: (reduced[2 * i] / self.world_size, reduced[2 * i + 1] / self.world_size)
-            for i, name in enumerate(ready)
-        }
-
-    def _share(
-        self,
-        mine: dict[tuple[str, str], Eigen | None],
-        units: list[tuple[str, str]],
-        factors: FactorPairs,
-    ) -> EigenPairs:
-        """The decompositions this rank keeps: its own (owner mode) or everyone's (shared)."""
         if self.precondition_mode == "owner":
             return {
-                name: (mine[(name, "A")], mine[(name, "G")])
-                for name in factors
+                name: (owned[(name, "A")], owned[(name, "G")])
+                for name in pairs
                 if self.owners[name] == self.rank
             }
-        # Every rank, the owner included, reads the decompositions back from the broadcast
-        # buffer: identical memory layouts give bitwise identical preconditioning everywhere.
-        result: dict[tuple[str, str], Eigen | None] = {}
+        units = self._units(pairs)
+        received: OwnedEigens = {}
         pending = []
         for src in range(self.world_size):
-            owned = [u for u in units if self._owner(*u) == src]
-            if not owned:
+            from_src = [u for u in units if self._owner(*u) == src]
+            if not from_src:
                 continue
-            shapes = [self.shapes[name][0 if kind == "A" else 1] for name, kind in owned]
-            reference = factors[owned[0][0]][0]
+            shapes = [self.shapes[name][0 if kind == "A" else 1] for name, kind in from_src]
+            like = pairs[from_src[0][0]][0]
             if src == self.rank:
-                buffer = torch.cat(
-                    [_flatten_eigen(mine[u], s, reference) for u, s in zip(owned, shapes)]
-                )
+                parts = [_flatten_eigen(owned[u], s, like) for u, s in zip(from_src, shapes)]
+                buffer = torch.cat(parts)
             else:
                 size = sum(1 + s[0] * s[1] + s[0] * s[1] * s[2] for s in shapes)
-                buffer = reference.new_zeros(size)
-            pending.append((owned, shapes, buffer, self.collectives.broadcast(buffer, src)))
-        for owned, shapes, buffer, work in pending:
+                buffer = like.new_zeros(size)
+            pending.append((from_src, shapes, buffer, self.collectives.broadcast(buffer, src)))
+        for from_src, shapes, buffer, work in pending:
             work.wait()
             offset = 0
-            for unit, shape in zip(owned, shapes):
-                result[unit], offset = _read_eigen(buffer, offset, shape)
-        return {name: (result[(name, "A")], result[(name, "G")]) for name in factors}
+            for unit, shape in zip(from_src, shapes):
+                received[unit], offset = _read_eigen(buffer, offset, shape)
+        return {name: (received[(name, "A")], received[(name, "G")]) for name in pairs}
 
     def precondition(
         self, grads: Mapping[str, Tensor], apply: Callable[[str, Tensor], Tensor]

@@ -12,12 +12,14 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_kfac.background import BackgroundDecomposer
 from lightning_kfac.blocks import LayerBlock
 from lightning_kfac.capture import FactorCapture, LossScale
 from lightning_kfac.decomposition import Eigen, symmetric_eigen
@@ -41,6 +43,17 @@ class StepStats:
     decomposed: bool = False
     factor_seconds: float = 0.0
     decomposition_seconds: float = 0.0
+
+
+@dataclass
+class PendingDecomposition:
+    """Decompositions started in the background at ``origin_step`` from ``factors`` (the
+    global factors of that step), installed at ``install_step``."""
+
+    origin_step: int
+    install_step: int
+    factors: FactorPairs
+    future: Future | None = None
 
 
 @dataclass
@@ -84,6 +97,10 @@ class KFACEngine:
         self.counters = Counters()
         self._reported_silent = False
         self._restored_decompositions = False
+        #: Step whose factors the installed decompositions were computed from.
+        self.decomposed_at: int | None = None
+        self.pending: PendingDecomposition | None = None
+        self.background = BackgroundDecomposer()
         self.distribution.setup(self.blocks, options.dtype)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -95,6 +112,15 @@ class KFACEngine:
     def detach(self) -> None:
         """Remove the hooks."""
         self.capture.detach()
+
+    def close(self) -> None:
+        """Remove the hooks and stop background work: a decomposition not yet started is
+        cancelled, a running one is waited for. A pending decomposition is kept as its
+        input factors and restarted by the next step, so training can go on afterwards."""
+        self.detach()
+        self.background.close()
+        if self.pending is not None:
+            self.pending.future = None
 
     def start_microbatch(self, loss_scale: LossScale = 1.0) -> None:
         """Called before each forward pass of training: arms the hooks on factor steps."""
@@ -124,11 +150,9 @@ class KFACEngine:
             hook_seconds = self.capture.seconds
             stats.factors_updated = self._update_factors(self.options.factor_decay_at(step))
             stats.factor_seconds = hook_seconds + time.perf_counter() - start
-        if self.options.is_inverse_step(step) or self._restored_decompositions:
-            start = time.perf_counter()
-            self._update_decompositions(stats.damping, reduce=self.options.is_inverse_step(step))
-            stats.decomposed = True
-            stats.decomposition_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        stats.decomposed = self._update_decompositions(step, stats.damping)
+        stats.decomposition_seconds = time.perf_counter() - start
         stats.kl_scale = self._precondition(param_groups, stats.damping, step)
         self._apply_momentum(param_groups, step)
         self.steps += 1
@@ -156,21 +180,56 @@ class KFACEngine:
                 f"factor step: {silent}. They keep their plain gradient until one does."
             )
 
-    def _update_decompositions(self, damping: float, reduce: bool = True) -> None:
-        """Reduce and decompose the global factors; after a resume (``reduce=False``),
-        decompose again the saved factors the interrupted run's decompositions came from."""
-        self._restored_decompositions = False
+    def _update_decompositions(self, step: int, damping: float) -> bool:
+        """Install and start decompositions due at ``step``; True if any work was done.
+
+        In order: after a resume, decompose again the saved factors behind the interrupted
+        run's decompositions; install an asynchronous decomposition due now; on an
+        inversion step, reduce the factors and decompose them, synchronously (always the
+        very first time) or, with ``staleness`` s, in the background, to be installed at
+        step + s, a step every rank knows in advance.
+        """
+        worked = False
 
         def decompose(matrix: Tensor) -> Eigen | None:
             return self._decompose(matrix, damping)
 
-        if reduce:
-            self.reduced, eigens = self.distribution.refresh(self.running, decompose)
-        else:
-            eigens = self.distribution.restore(self.reduced, decompose)
+        if self._restored_decompositions:
+            self._restored_decompositions = False
+            owned = self.distribution.decompose_owned(self.reduced, decompose)
+            self._install(self.distribution.share(owned, self.reduced), self.decomposed_at)
+            worked = True
+        if self.pending is not None and self.pending.future is None:
+            self._submit(self.pending, decompose)  # restarted after a resume or a close
+        if self.pending is not None and self.pending.install_step == step:
+            pending, self.pending = self.pending, None
+            owned = self.background.result(pending.future)
+            self.reduced = pending.factors
+            self._install(self.distribution.share(owned, pending.factors), pending.origin_step)
+            worked = True
+        if self.options.is_inverse_step(step):
+            staleness = self.options.staleness
+            if staleness and self.eigens:
+                factors = self.distribution.reduce(self.running)
+                self.pending = PendingDecomposition(step, step + staleness, factors)
+                self._submit(self.pending, decompose)
+            else:
+                self.reduced, eigens = self.distribution.refresh(self.running, decompose)
+                self._install(eigens, step)
+            worked = True
+        return worked
+
+    def _submit(self, pending: PendingDecomposition, decompose) -> None:
+        inputs = [t for pair in pending.factors.values() for t in pair]
+        pending.future = self.background.submit(
+            lambda: self.distribution.decompose_owned(pending.factors, decompose), inputs
+        )
+
+    def _install(self, eigens: EigenPairs, origin_step: int | None) -> None:
         for name, (eigen_a, eigen_g) in eigens.items():
             old_a, old_g = self.eigens.get(name, (None, None))
             self.eigens[name] = (eigen_a or old_a, eigen_g or old_g)
+        self.decomposed_at = origin_step
 
     def _decompose(self, matrix: Tensor, damping: float) -> Eigen | None:
         start = time.perf_counter()
@@ -248,7 +307,7 @@ class KFACEngine:
         Under data parallelism this is a collective (the running factors are averaged over
         ranks), so every rank must call it, as Lightning's checkpointing does.
         """
-        running = self.distribution.checkpoint_factors(self.running)
+        running = self.distribution.reduce(self.running)
         return {
             "format": 1,
             "steps": self.steps,
@@ -257,6 +316,14 @@ class KFACEngine:
             },
             "running": {name: {"A": A, "G": G} for name, (A, G) in running.items()},
             "decomposed": {name: {"A": A, "G": G} for name, (A, G) in self.reduced.items()},
+            "decomposed_at": self.decomposed_at,
+            "pending": None
+            if self.pending is None
+            else {
+                "origin_step": self.pending.origin_step,
+                "install_step": self.pending.install_step,
+                "factors": {n: {"A": A, "G": G} for n, (A, G) in self.pending.factors.items()},
+            },
             "skipped_batches": self.counters.skipped_batches,
             "decompositions": self.counters.decompositions,
             "decomposition_fallbacks": dict(self.counters.decomposition_fallbacks),
@@ -265,7 +332,8 @@ class KFACEngine:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``; decompositions are recomputed at the next step from the
-        saved factors they were computed from, so a resumed run continues exactly.
+        saved factors they were computed from (and a pending asynchronous decomposition is
+        restarted from its saved input factors), so a resumed run continues exactly.
 
         Raises:
             ValueError: if the checkpoint's layers (names or factor shapes) differ from the
@@ -294,6 +362,18 @@ class KFACEngine:
         }
         self.eigens = {}
         self._restored_decompositions = bool(self.reduced)
+        self.decomposed_at = state["decomposed_at"]
+        self.background.close()
+        self.pending = None
+        if state["pending"] is not None:
+            self.pending = PendingDecomposition(
+                origin_step=int(state["pending"]["origin_step"]),
+                install_step=int(state["pending"]["install_step"]),
+                factors={
+                    name: (pair["A"].to(device), pair["G"].to(device))
+                    for name, pair in state["pending"]["factors"].items()
+                },
+            )
         self.counters = Counters(
             skipped_batches=int(state["skipped_batches"]),
             decompositions=int(state["decompositions"]),

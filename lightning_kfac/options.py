@@ -78,6 +78,7 @@ class KFACOptions:
     loss_reduction: str = "mean"
     momentum: Schedule | None = None
     factor_dtype: str = "float32"
+    staleness: int = 0
 
     def __post_init__(self) -> None:
         _check_schedule("damping", self.damping, check_damping)
@@ -93,6 +94,13 @@ class KFACOptions:
                 "inv_update_freq must be a multiple of factor_update_freq (so that every "
                 f"decomposition sees freshly updated factors), got inv_update_freq="
                 f"{self.inv_update_freq} and factor_update_freq={self.factor_update_freq}"
+            )
+        if isinstance(self.staleness, bool) or not isinstance(self.staleness, int):
+            raise ValueError(f"staleness must be an integer >= 0, got {self.staleness!r}")
+        if not 0 <= self.staleness <= self.inv_update_freq:
+            raise ValueError(
+                "staleness must be 0 (synchronous decompositions) or between 1 and "
+                f"inv_update_freq={self.inv_update_freq}, got {self.staleness}"
             )
         _check_choice("damping_method", self.damping_method, DAMPING_METHODS)
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
