@@ -121,14 +121,19 @@ def worker(rank: int, world: int, port: int, args, model_name: str, kfac: bool, 
         "decomposition_s": engine.counters.decomposition_seconds if engine else 0.0,
         "decompositions": engine.counters.decompositions if engine else 0,
     }
-    gathered = [None] * world
+    gathered = [result]
     if world > 1:
+        gathered = [None] * world
         dist.all_gather_object(gathered, result)
-        dist.destroy_process_group()
-    else:
-        gathered = [result]
     if rank == 0:
         queue.put(gathered)
+        queue.close()
+        queue.join_thread()
+    if world > 1:
+        dist.barrier()
+        # Skip interpreter teardown: destroying a gloo process group still referenced by
+        # DDP's reducer can deadlock (its destructor joins a thread that needs the GIL).
+        os._exit(0)
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ steps and seconds each optimizer needed to reach 90% (and the target given by
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import lightning as L
@@ -26,6 +27,23 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_kfac import KFACCallback
+
+
+@functools.cache
+def load_mnist1d(num_samples: int = 5000) -> tuple[TensorDataset, TensorDataset]:
+    """MNIST-1D train and test sets, ``(N, 1, 40)`` float inputs and integer labels,
+    generated offline with the package's default arguments (seed 42) and cached."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    data = make_dataset(args)
+
+    def tensors(x, y) -> TensorDataset:
+        inputs = torch.as_tensor(x, dtype=torch.float32).unsqueeze(1)
+        return TensorDataset(inputs, torch.as_tensor(y).long())
+
+    return tensors(data["x"], data["y"]), tensors(data["x_test"], data["y_test"])
 
 
 class MNIST1DDataModule(L.LightningDataModule):
@@ -42,19 +60,7 @@ class MNIST1DDataModule(L.LightningDataModule):
         self.num_samples = num_samples
 
     def setup(self, stage: str | None = None) -> None:
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        args = get_dataset_args()
-        args.num_samples = self.num_samples
-        data = make_dataset(args)
-
-        def tensors(x, y):
-            return TensorDataset(
-                torch.as_tensor(x, dtype=torch.float32).unsqueeze(1), torch.as_tensor(y).long()
-            )
-
-        self.train_set = tensors(data["x"], data["y"])
-        self.test_set = tensors(data["x_test"], data["y_test"])
+        self.train_set, self.test_set = load_mnist1d(self.num_samples)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True)
@@ -120,7 +126,8 @@ class AccuracyHistory(Callback):
     Training seconds exclude the time spent evaluating.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at: float | None = None) -> None:
+        self.stop_at = stop_at
         self.history: list[tuple[int, float, float]] = []
         self.train_seconds = 0.0
         self._start = 0.0
@@ -135,6 +142,8 @@ class AccuracyHistory(Callback):
         if not trainer.sanity_checking:
             accuracy = float(trainer.callback_metrics["test_acc"])
             self.history.append((trainer.global_step, self.train_seconds, accuracy))
+            if self.stop_at is not None and accuracy >= self.stop_at:
+                trainer.should_stop = True
 
     def first_reaching(self, target: float) -> tuple[int, float] | None:
         """(steps, seconds) at the first evaluation with accuracy >= target."""
@@ -155,13 +164,30 @@ CONFIGS = {
 
 
 def train(
-    name: str, steps: int, eval_every: int, seed: int = 0, batch_size: int = 100, **config
+    steps: int,
+    eval_every: int,
+    seed: int = 0,
+    batch_size: int = 100,
+    stop_at: float | None = None,
+    **config,
 ) -> AccuracyHistory:
-    """Train one configuration for ``steps`` optimizer steps; returns its accuracy history."""
+    """Train one configuration for ``steps`` optimizer steps; returns its accuracy history.
+
+    Args:
+        steps: optimizer steps.
+        eval_every: steps between test-set evaluations.
+        seed: seed of the initial weights and the data order.
+        batch_size: training batch size.
+        stop_at: stop at the first evaluation with at least this accuracy.
+        **config: ``MNIST1DClassifier`` arguments, plus ``kfac`` (``KFACCallback``
+            arguments) to train with K-FAC.
+    """
     L.seed_everything(seed, verbose=False)
     kfac_options = config.pop("kfac", None)
-    history = AccuracyHistory()
-    callbacks = [history] + ([KFACCallback(**kfac_options, verbose=False)] if kfac_options else [])
+    history = AccuracyHistory(stop_at)
+    callbacks = [history]
+    if kfac_options is not None:
+        callbacks.append(KFACCallback(**{"verbose": False, **kfac_options}))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -192,7 +218,7 @@ def main() -> None:
 
     rows = []
     for name, config in CONFIGS.items():
-        history = train(name, steps, args.eval_every, seed=args.seed, **dict(config))
+        history = train(steps, args.eval_every, seed=args.seed, **dict(config))
         reached = [history.first_reaching(t) for t in (0.90, args.target)]
         rows.append((name, history, reached))
         print(f"finished {name}: test accuracy {history.history[-1][2]:.4f}", flush=True)

@@ -76,7 +76,7 @@ class KFACCallback(Callback):
 
     def __init__(
         self,
-        damping: Schedule = 1e-3,
+        damping: Schedule = 1e-2,
         factor_decay: Schedule = 0.95,
         factor_update_freq: int = 1,
         inv_update_freq: int = 10,

@@ -12,8 +12,10 @@ from collections.abc import Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from lightning_kfac.assignment import greedy_assignment
 from lightning_kfac.blocks import LayerBlock
 from lightning_kfac.capture import BatchFactors
+from lightning_kfac.communication import Collectives, buckets, pack, packed_size, unpack
 from lightning_kfac.decomposition import Eigen
 from lightning_kfac.factors import KroneckerFactors
 
@@ -121,8 +123,6 @@ class DataParallelDistribution(LocalDistribution):
         precondition_mode: str = "shared",
         bucket_cap_mb: float = 25.0,
     ) -> None:
-        from lightning_kfac.communication import Collectives
-
         if precondition_mode not in PRECONDITION_MODES:
             raise ValueError(
                 f"precondition_mode must be one of {PRECONDITION_MODES}, got {precondition_mode!r}"
@@ -152,8 +152,6 @@ class DataParallelDistribution(LocalDistribution):
         Raises:
             RuntimeError: on every rank alike, naming the layers that differ.
         """
-        from lightning_kfac.assignment import greedy_assignment
-
         signature = [(name, b.factor_shapes()) for name, b in blocks.items()]
         everyone = self.collectives.all_gather_object(signature)
         if any(other != everyone[0] for other in everyone):
@@ -199,8 +197,6 @@ class DataParallelDistribution(LocalDistribution):
         else None) and ``(index, reduced tensor)`` pairs, so the caller can work on one
         bucket while the next is still travelling.
         """
-        from lightning_kfac.communication import buckets, pack, packed_size, unpack
-
         symmetric = self.pack_triangular
         sizes = [packed_size(t.shape, symmetric) * t.element_size() for t in tensors]
         groups = buckets(sizes, self.bucket_cap_bytes) if tensors else [[]]
@@ -316,8 +312,7 @@ class DataParallelDistribution(LocalDistribution):
         then shared (``share``).
         """
         if self.reduce_every_update:
-            pairs = self.reduce(factors)
-            return pairs, self.share(self.decompose_owned(pairs, decompose), pairs)
+            return super().refresh(factors, decompose)
         ready = [name for name in self.names if factors[name].ready]
         units = [(name, kind) for name in ready for kind in "AG"]
         tensors = [factors[name].A if kind == "A" else factors[name].G for name, kind in units]

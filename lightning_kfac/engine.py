@@ -251,7 +251,9 @@ class KFACEngine:
         learning_rates = {id(p): group["lr"] for group in param_groups for p in group["params"]}
         grads = {}
         for name, block in self.blocks.items():
-            if id(block.module.weight) not in learning_rates:
+            # Layers in no param group of this optimizer, or never decomposed (the same set
+            # on every rank), keep their plain gradient and stay out of the KL-clip sum.
+            if id(block.module.weight) not in learning_rates or name not in self.reduced:
                 continue
             grad = block.gradient()
             if grad is not None:

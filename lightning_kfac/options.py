@@ -69,7 +69,7 @@ class KFACOptions:
         ValueError: naming the argument and the allowed values, for any invalid setting.
     """
 
-    damping: Schedule = 1e-3
+    damping: Schedule = 1e-2
     factor_decay: Schedule = 0.95
     factor_update_freq: int = 1
     inv_update_freq: int = 10

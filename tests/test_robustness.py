@@ -124,3 +124,23 @@ def test_failed_decomposition_keeps_raw_gradient_without_crash(monkeypatch):
     engine.step([{"params": list(layer.parameters()), "lr": 0.1}])
     torch.testing.assert_close(layer.weight.grad, raw, rtol=0, atol=0)
     assert engine.counters.decomposition_fallbacks["failed"] == 2
+
+
+def test_layer_whose_hooks_never_fire_keeps_its_plain_gradient():
+    """Like MultiheadAttention's out_proj: parameters used through F.linear, so the module's
+    hooks never fire. It must keep its raw gradient, unscaled by the KL clip."""
+    torch.manual_seed(2)
+    first, bypassed = nn.Linear(3, 4), nn.Linear(4, 2)
+    messages = []
+    blocks = {"first": LinearBlock(first), "bypassed": LinearBlock(bypassed)}
+    engine = KFACEngine(blocks, KFACOptions(kl_clip=1e-8), warn=messages.append)
+    engine.attach()
+    engine.start_microbatch()
+    out = torch.nn.functional.linear(first(torch.randn(8, 3)), bypassed.weight, bypassed.bias)
+    out.pow(2).mean().backward()
+    raw_first, raw_bypassed = first.weight.grad.clone(), bypassed.weight.grad.clone()
+    stats = engine.step([{"params": [*first.parameters(), *bypassed.parameters()], "lr": 0.1}])
+    assert stats.kl_scale.item() < 1.0
+    torch.testing.assert_close(bypassed.weight.grad, raw_bypassed, rtol=0, atol=0)
+    assert not torch.allclose(first.weight.grad, raw_first)
+    assert len(messages) == 1 and "'bypassed'" in messages[0]

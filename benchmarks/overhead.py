@@ -1,0 +1,121 @@
+"""Per-step overhead of K-FAC against SGD and Adam, measured side by side in one run.
+
+    python benchmarks/overhead.py            # prints a table
+    python benchmarks/overhead.py --quick    # a smoke test
+
+Models: the MNIST-1D baseline CNN (batch 100) and an MLP 256-512-512-10 (batch 256), each
+trained with a plain loop around the same engine ``KFACCallback`` uses. Configurations:
+SGD with momentum, Adam, K-FAC at the default frequencies (factors every step,
+decompositions every 10), and K-FAC with factors and decompositions every step. The
+configurations are interleaved in rounds (each round times ``--steps`` steps of every
+configuration), and the median over rounds is reported, so that the machine's drift hits
+all of them alike; ratios are to SGD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+from mnist1d_kfac import MNIST1DClassifier
+
+from lightning_kfac.discovery import discover
+from lightning_kfac.engine import KFACEngine
+from lightning_kfac.options import KFACOptions
+
+
+def mnist1d_cnn() -> nn.Module:
+    return MNIST1DClassifier().net
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+MODELS = {
+    "MNIST-1D CNN, batch 100": (mnist1d_cnn, (1, 40), 100),
+    "MLP 256-512-512-10, batch 256": (mlp, (256,), 256),
+}
+CONFIGS = {
+    "SGD": ("sgd", None),
+    "Adam": ("adam", None),
+    "K-FAC (defaults: factors 1, decompositions 10)": ("sgd", dict()),
+    "K-FAC (factors and decompositions every step)": ("sgd", dict(inv_update_freq=1)),
+}
+
+
+class Runner:
+    """One model and optimizer (and K-FAC engine), stepping on a fixed batch."""
+
+    def __init__(self, build, shape, batch, optimizer, kfac) -> None:
+        torch.manual_seed(0)
+        self.model = build()
+        self.x = torch.randn(batch, *shape)
+        self.y = torch.randint(0, 10, (batch,))
+        if optimizer == "adam":
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.engine = None
+        if kfac is not None:
+            blocks = discover(self.model).blocks
+            self.engine = KFACEngine(blocks, KFACOptions(**kfac), warn=lambda message: None)
+            self.engine.attach()
+
+    def steps(self, count: int) -> float:
+        """Seconds per step over ``count`` steps."""
+        start = time.perf_counter()
+        for _ in range(count):
+            if self.engine:
+                self.engine.start_microbatch()
+            self.optimizer.zero_grad()
+            F.cross_entropy(self.model(self.x), self.y).backward()
+            if self.engine:
+                self.engine.step(self.optimizer.param_groups)
+            self.optimizer.step()
+        return (time.perf_counter() - start) / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=50, help="steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.rounds = 3, 2
+    print(
+        f"{torch.get_num_threads()} threads; median of {args.rounds} rounds x {args.steps} steps\n"
+    )
+    print("| model | configuration | ms/step | ratio to SGD |")
+    print("| --- | --- | ---: | ---: |")
+    for model_name, (build, shape, batch) in MODELS.items():
+        runners = {
+            name: Runner(build, shape, batch, optimizer, kfac)
+            for name, (optimizer, kfac) in CONFIGS.items()
+        }
+        for runner in runners.values():
+            runner.steps(max(2, args.steps // 5))  # warm-up
+        timings = {name: [] for name in runners}
+        for _ in range(args.rounds):
+            for name, runner in runners.items():
+                timings[name].append(runner.steps(args.steps))
+        baseline = statistics.median(timings["SGD"])
+        for name, values in timings.items():
+            median = statistics.median(values)
+            print(f"| {model_name} | {name} | {1000 * median:.2f} | {median / baseline:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
