@@ -9,6 +9,7 @@ one forward pass contributes its rows.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,6 +63,20 @@ def gram(rows: Tensor, homogeneous: bool) -> Tensor:
     if homogeneous:
         rows = F.pad(rows, (0, 1), value=1.0)
     return rows.mT @ rows
+
+
+def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
+    """No autograd recording, and autocast off where it is on (entering an autocast context
+    costs host time on every hook call, so it is skipped when there is nothing to undo)."""
+    if torch.is_autocast_enabled(device_type):
+        return _no_grad_no_autocast(device_type)
+    return torch.no_grad()
+
+
+@contextlib.contextmanager
+def _no_grad_no_autocast(device_type: str):
+    with torch.autocast(device_type, enabled=False), torch.no_grad():
+        yield
 
 
 class FactorCapture:
@@ -140,7 +155,7 @@ class FactorCapture:
             start = time.perf_counter()
             x = args[0] if args else next(iter(kwargs.values()))
             batch_size = x.shape[0] if x.dim() > 1 else 1
-            with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            with _full_precision(x.device.type):
                 rows = block.input_rows(x.detach().to(self.dtype))
                 sums = self._sums[name]
                 contribution = gram(rows, block.has_bias)
@@ -160,10 +175,10 @@ class FactorCapture:
         def hook(grad: Tensor) -> None:
             start = time.perf_counter()
             scale = loss_scale() if callable(loss_scale) else loss_scale
-            with torch.autocast(grad.device.type, enabled=False), torch.no_grad():
-                rows = block.output_rows(grad.to(self.dtype)) * (per_example / scale)
+            with _full_precision(grad.device.type):
+                rows = block.output_rows(grad.to(self.dtype))
+                contribution = (rows.mT @ rows) * (per_example / scale) ** 2
                 sums = self._sums[name]
-                contribution = rows.mT @ rows
                 sums.g_sum = contribution if sums.g_sum is None else sums.g_sum + contribution
             self.seconds += time.perf_counter() - start
 

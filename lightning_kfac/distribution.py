@@ -383,16 +383,16 @@ class DataParallelDistribution(LocalDistribution):
             else:
                 buffer = grads[owned[0]].new_empty(sum(grads[name].numel() for name in owned))
             pending.append((src, owned, buffer, self.collectives.broadcast(buffer, src)))
-        for src, owned, buffer, work in pending:
+        # Every rank, the owner included, reads the gradients from the broadcast buffers, so
+        # that later reductions over them (the KL clip) see identical memory on every rank.
+        for _, owned, buffer, work in pending:
             work.wait()
-            if src == self.rank:
-                continue
             offset = 0
             for name in owned:
                 count = grads[name].numel()
                 result[name] = buffer[offset : offset + count].reshape(grads[name].shape)
                 offset += count
-        return result
+        return {name: result[name] for name in grads}  # the same order on every rank
 
 
 def _flatten_eigen(eigen: Eigen | None, shape, reference: Tensor) -> Tensor:

@@ -24,9 +24,13 @@ from lightning_kfac.blocks import LayerBlock
 from lightning_kfac.capture import FactorCapture, LossScale
 from lightning_kfac.decomposition import Eigen, symmetric_eigen
 from lightning_kfac.distribution import EigenPairs, FactorPairs, LocalDistribution
-from lightning_kfac.factors import KroneckerFactors
+from lightning_kfac.factors import KroneckerFactors, update_running
 from lightning_kfac.options import KFACOptions
-from lightning_kfac.preconditioning import kl_clip_scale, precondition
+from lightning_kfac.preconditioning import (
+    damped_inverse_eigenvalues,
+    kl_clip_scale,
+    rotate_and_scale,
+)
 
 
 @dataclass
@@ -93,6 +97,8 @@ class KFACEngine:
         self.running = {name: KroneckerFactors() for name in self.blocks}
         self.reduced: FactorPairs = {}
         self.eigens: EigenPairs = {}
+        #: ``{name: (damping, 1 / damped eigenvalue products)}``, reused while both hold.
+        self._inverse_eigenvalues: dict[str, tuple[float, Tensor]] = {}
         self.steps = 0
         self.counters = Counters()
         self._reported_silent = False
@@ -165,8 +171,7 @@ class KFACEngine:
         if update is None:
             self.counters.skipped_batches += 1
             return False
-        for name, (A, G) in update.items():
-            self.running[name].update(A, G, decay)
+        update_running(((self.running[n], A, G) for n, (A, G) in update.items()), decay)
         return True
 
     def _report_silent(self, batch: Mapping[str, Any]) -> None:
@@ -227,6 +232,7 @@ class KFACEngine:
 
     def _install(self, eigens: EigenPairs, origin_step: int | None) -> None:
         for name, (eigen_a, eigen_g) in eigens.items():
+            self._inverse_eigenvalues.pop(name, None)
             old_a, old_g = self.eigens.get(name, (None, None))
             self.eigens[name] = (eigen_a or old_a, eigen_g or old_g)
         self.decomposed_at = origin_step
@@ -263,21 +269,24 @@ class KFACEngine:
             eigen_a, eigen_g = self.eigens.get(name, (None, None))
             if eigen_a is None or eigen_g is None:
                 return grad
+            cached = self._inverse_eigenvalues.get(name)
+            if cached is None or cached[0] != damping:
+                method = self.options.damping_method
+                cached = (damping, damped_inverse_eigenvalues(eigen_g, eigen_a, damping, method))
+                self._inverse_eigenvalues[name] = cached
             work = grad.to(eigen_a.vectors.dtype)
-            result = precondition(work, eigen_g, eigen_a, damping, self.options.damping_method)
-            return result.to(grad.dtype)
+            return rotate_and_scale(work, eigen_g, eigen_a, cached[1]).to(grad.dtype)
 
         preconditioned = self.distribution.precondition(grads, apply)
         kl_clip = self.options.kl_clip_at(step)
         scale = None
         if kl_clip is not None and preconditioned:
-            inner = torch.stack(
-                [
-                    learning_rates[id(self.blocks[name].module.weight)] ** 2
-                    * (new.double() * grads[name].double()).sum()
-                    for name, new in preconditioned.items()
-                ]
-            ).sum()
+            names = [name for name in self.blocks if name in preconditioned]  # fixed order
+            dots = torch.stack(
+                [torch.vdot(preconditioned[n].reshape(-1), grads[n].reshape(-1)) for n in names]
+            )
+            rates = [learning_rates[id(self.blocks[n].module.weight)] ** 2 for n in names]
+            inner = (dots * dots.new_tensor(rates)).sum()
             scale = kl_clip_scale(inner, kl_clip)
         for name, new in preconditioned.items():
             if scale is not None:

@@ -37,6 +37,36 @@ def factored_damping(traces: Sequence[Tensor], damping: float) -> list[Tensor]:
     return [ratio * root for ratio in ratios]
 
 
+def damped_inverse_eigenvalues(
+    eigen_g: Eigen, eigen_a: Eigen, damping: float, method: str = "exact"
+) -> Tensor:
+    """``1 / (damped eigenvalue products)`` in the Kronecker eigenbasis, ``(groups, g, a)``.
+
+    ``exact``: ``1 / (e_G e_A^T + damping)``; ``factored``:
+    ``1 / ((e_G + sqrt(damping)/pi) (e_A + pi sqrt(damping))^T)``. Depends only on the
+    decompositions and the damping, so it can be reused until either changes.
+    """
+    if method == "exact":
+        denominator = eigen_g.values.unsqueeze(-1) * eigen_a.values.unsqueeze(-2) + damping
+    elif method == "factored":
+        damp_g, damp_a = factored_damping([eigen_g.traces, eigen_a.traces], damping)
+        denominator = (eigen_g.values + damp_g.unsqueeze(-1)).unsqueeze(-1) * (
+            eigen_a.values + damp_a.unsqueeze(-1)
+        ).unsqueeze(-2)
+    else:
+        raise ValueError(f"method must be one of {DAMPING_METHODS}, got {method!r}")
+    return denominator.reciprocal()
+
+
+def rotate_and_scale(grad: Tensor, eigen_g: Eigen, eigen_a: Eigen, scale: Tensor) -> Tensor:
+    """``Q_G [(Q_G^T V Q_A) * scale] Q_A^T`` for ``grad`` V of shape ``(groups, g, a)``."""
+    return (
+        eigen_g.vectors
+        @ ((eigen_g.vectors.mT @ grad @ eigen_a.vectors) * scale)
+        @ (eigen_a.vectors.mT)
+    )
+
+
 def precondition(
     grad: Tensor, eigen_g: Eigen, eigen_a: Eigen, damping: float, method: str = "exact"
 ) -> Tensor:
@@ -56,17 +86,8 @@ def precondition(
     Returns:
         V', same shape as ``grad``.
     """
-    rotated = eigen_g.vectors.mT @ grad @ eigen_a.vectors
-    if method == "exact":
-        denominator = eigen_g.values.unsqueeze(-1) * eigen_a.values.unsqueeze(-2) + damping
-    elif method == "factored":
-        damp_g, damp_a = factored_damping([eigen_g.traces, eigen_a.traces], damping)
-        denominator = (eigen_g.values + damp_g.unsqueeze(-1)).unsqueeze(-1) * (
-            eigen_a.values + damp_a.unsqueeze(-1)
-        ).unsqueeze(-2)
-    else:
-        raise ValueError(f"method must be one of {DAMPING_METHODS}, got {method!r}")
-    return eigen_g.vectors @ (rotated / denominator) @ eigen_a.vectors.mT
+    inverse = damped_inverse_eigenvalues(eigen_g, eigen_a, damping, method)
+    return rotate_and_scale(grad, eigen_g, eigen_a, inverse)
 
 
 def kl_clip_scale(weighted_inner: Tensor, kl_clip: float) -> Tensor:

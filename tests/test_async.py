@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import threading
 
 import pytest
@@ -162,15 +163,22 @@ class FailAt(Callback):
             raise self.error
 
 
-@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
-def test_exception_and_interrupt_join_the_worker(error):
+@pytest.mark.parametrize(
+    "error,raised",
+    [(RuntimeError("boom"), RuntimeError), (KeyboardInterrupt(), SystemExit)],
+    ids=["exception", "keyboard-interrupt"],
+)
+def test_exception_and_interrupt_join_the_worker(error, raised):
+    """Lightning turns a KeyboardInterrupt into on_exception, teardown and sys.exit(1)."""
     torch.manual_seed(0)
     callback = KFACCallback(damping=1e-2, inv_update_freq=3, staleness=2, verbose=False)
     t = trainer(callbacks=[callback, FailAt(4, error)], max_steps=12)
-    with pytest.raises((RuntimeError, KeyboardInterrupt, SystemExit)):
-        t.fit(Classifier(mlp()), loader(classification_data(192), 16))
-        if isinstance(error, KeyboardInterrupt):
-            raise SystemExit("Lightning handled the interrupt")
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT after an interrupt
+    try:
+        with pytest.raises(raised):
+            t.fit(Classifier(mlp()), loader(classification_data(192), 16))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert callback.engine.pending is not None  # a decomposition was in flight at step 4
     assert kfac_threads() == []
 
