@@ -116,7 +116,7 @@ class DataParallelDistribution(LocalDistribution):
 
     def __init__(
         self,
-        collectives=None,
+        collectives: Collectives | None = None,
         *,
         reduce_every_update: bool = False,
         pack_triangular: bool = True,
