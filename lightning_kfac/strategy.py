@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import inspect
+import time
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_kfac.communication import Collectives
 from lightning_kfac.distribution import PRECONDITION_MODES, DataParallelDistribution
+
+#: How long ``teardown`` yields the GIL to gloo's worker threads.
+_GLOO_RELEASE_SECONDS = 0.2
 
 #: Keyword arguments passed through: DDPStrategy's own and DistributedDataParallel's.
 _PASS_THROUGH = sorted(
@@ -78,6 +83,20 @@ class KFACDDPStrategy(DDPStrategy):
         self.kfac_pack_triangular = kfac_pack_triangular
         self.kfac_precondition_mode = kfac_precondition_mode
         self.kfac_bucket_cap_mb = kfac_bucket_cap_mb
+
+    def teardown(self) -> None:
+        """Lightning's teardown, then a short pause that yields the GIL.
+
+        Gloo's worker threads release each finished collective (whose tensors may be owned
+        by Python) right after running it, and need the GIL for that; a rank that exits
+        within milliseconds of its last collective can finalize the interpreter first and
+        abort ("terminate called without an active exception", a known torch issue). The
+        pause lets them finish. No collective here: teardown also runs after an exception
+        on one rank alone.
+        """
+        super().teardown()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            time.sleep(_GLOO_RELEASE_SECONDS)
 
     def kfac_distribution(self) -> DataParallelDistribution:
         """The K-FAC distribution over this strategy's process group (called at fit set-up)."""
