@@ -277,9 +277,9 @@ class DataParallelDistribution(LocalDistribution):
         Also what a checkpoint saves: the running average is linear, so every rank
         restarting from this mean continues exactly as the uninterrupted run.
         """
-        ready = [name for name in self.names if factors[name].ready]
         if self.reduce_every_update:
-            return {name: (factors[name].A.clone(), factors[name].G.clone()) for name in ready}
+            return super().reduce(factors)
+        ready = [name for name in self.names if factors[name].ready]
         tensors = [t for name in ready for t in (factors[name].A, factors[name].G)]
         _, reduced = self._all_reduce(tensors)
         return {

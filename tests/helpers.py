@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -140,3 +141,11 @@ class StepIndexedClassifier(Classifier):
 def dummy_loader(length: int = 10_000) -> DataLoader:
     """Drives the training loop for ``StepIndexedClassifier``; its contents are unused."""
     return DataLoader(TensorDataset(torch.zeros(length)), batch_size=1)
+
+
+def replicas_identical(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are bitwise equal on every rank (a collective)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).contiguous()
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])

@@ -13,12 +13,14 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_kfac import KFACCallback, KFACDDPStrategy
+from lightning_kfac.assignment import loads
 from tests.helpers import (
     Classifier,
     InterleavedData,
     classification_data,
     cnn,
     mlp,
+    replicas_identical,
     sequence_data,
     trainer,
 )
@@ -35,19 +37,14 @@ class ReplicaCheck(Callback):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).contiguous()
-        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, flat)
-        assert all(torch.equal(gathered[0], other) for other in gathered[1:]), "replicas drifted"
+        assert replicas_identical(pl_module), "replicas drifted"
 
     def on_train_end(self, trainer, pl_module) -> None:
         kfac = next(c for c in trainer.callbacks if isinstance(c, KFACCallback))
         counts = [None] * dist.get_world_size()
         dist.all_gather_object(counts, kfac.engine.counters.decompositions)
         distribution = kfac.engine.distribution
-        loads = [0.0] * dist.get_world_size()
-        for unit, rank in distribution.owners.items():
-            loads[rank] += distribution.costs[unit]
+        per_rank = loads(distribution.costs, distribution.owners, dist.get_world_size())
         if trainer.global_rank == 0:
             Path(self.path).write_text(
                 json.dumps(
@@ -55,7 +52,7 @@ class ReplicaCheck(Callback):
                         "counts": counts,
                         "units": len(distribution.owners),
                         "mode": distribution.precondition_mode,
-                        "loads": loads,
+                        "loads": per_rank,
                         "max_cost": max(distribution.costs.values()),
                     }
                 )

@@ -15,11 +15,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_kfac import KFACCallback
-from tests.helpers import Classifier, classification_data, loader, mlp, trainer
+from tests.helpers import (
+    Classifier,
+    classification_data,
+    loader,
+    mlp,
+    replicas_identical,
+    trainer,
+)
 
 
 class Summary(Callback):
@@ -28,10 +34,7 @@ class Summary(Callback):
         self.identical = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        flat = torch.cat([p.detach().reshape(-1) for p in pl_module.parameters()]).contiguous()
-        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, flat)
-        self.identical &= all(torch.equal(gathered[0], g) for g in gathered[1:])
+        self.identical &= replicas_identical(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         kfac = next(c for c in trainer.callbacks if isinstance(c, KFACCallback))
