@@ -3,7 +3,8 @@
     python benchmarks/overhead.py            # prints a table
     python benchmarks/overhead.py --quick    # a smoke test
 
-Models: the MNIST-1D baseline CNN (batch 100) and an MLP 256-512-512-10 (batch 256), each
+Models: the MNIST-1D baseline CNN (batch 100), a deep narrow MLP (17 Linear layers of
+width 32, batch 64) and an MLP 256-512-512-10 (batch 256), each
 trained with a plain loop around the same engine ``KFACCallback`` uses. Configurations:
 SGD with momentum, Adam, K-FAC at the default frequencies (factors every step,
 decompositions every 10), and K-FAC with factors and decompositions every step. The
@@ -43,8 +44,17 @@ def mlp() -> nn.Module:
     )
 
 
+def deep_narrow_mlp() -> nn.Module:
+    """17 Linear layers of width 32: per-layer host overhead dominates."""
+    layers: list[nn.Module] = [nn.Linear(32, 32)]
+    for _ in range(15):
+        layers += [nn.Tanh(), nn.Linear(32, 32)]
+    return nn.Sequential(*layers, nn.Tanh(), nn.Linear(32, 10))
+
+
 MODELS = {
     "MNIST-1D CNN, batch 100": (mnist1d_cnn, (1, 40), 100),
+    "deep narrow MLP 17x32, batch 64": (deep_narrow_mlp, (32,), 64),
     "MLP 256-512-512-10, batch 256": (mlp, (256,), 256),
 }
 CONFIGS = {

@@ -26,11 +26,3 @@ def greedy_assignment(costs: Mapping[Hashable, float], world_size: int) -> dict[
         owners[unit] = rank
         loads[rank] += cost
     return owners
-
-
-def loads(costs: Mapping[Hashable, float], owners: Mapping[Hashable, int], world_size: int):
-    """Total cost per rank under an assignment."""
-    totals = [0.0] * world_size
-    for unit, rank in owners.items():
-        totals[rank] += costs[unit]
-    return totals

@@ -1,92 +1,20 @@
-"""Curvature blocks: how one layer type maps to Kronecker factors.
+"""The layer types K-FAC supports out of the box: Linear and Conv1d/2d/3d (KFC).
 
-A block knows the geometry of its layer and nothing else: how to turn the layer's input
-into rows ``a`` and its output gradient into rows ``g``, and how to read and write the
-combined gradient matrix ``V = grad [W | b]``. Every quantity carries a leading *groups*
-dimension (1 for ordinary layers), so grouped convolutions get one ``(A, G)`` pair per group
-through the same code. A new layer type is one new subclass registered in ``BLOCK_TYPES``.
+Each is a ``KroneckerBlock`` that only says how the layer's input becomes rows ``a`` and
+its output gradient rows ``g``; the math is the Kronecker block's.
 """
 
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class LayerBlock(ABC):
-    """The K-FAC view of one layer.
-
-    Attributes:
-        module: the layer.
-        groups: number of independent ``(A, G)`` pairs.
-        has_bias: whether the bias is part of the combined parameter ``[W | b]``.
-        in_features: per-group input width without the homogeneous coordinate.
-        out_features: per-group output width.
-    """
-
-    module: nn.Module
-    groups: int
-    has_bias: bool
-    in_features: int
-    out_features: int
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        bias = getattr(module, "bias", None)
-        self.has_bias = bias is not None and bias.requires_grad
-
-    @property
-    def a_dim(self) -> int:
-        """Side of the input factor ``A`` (``in_features + 1`` with a bias)."""
-        return self.in_features + int(self.has_bias)
-
-    @property
-    def g_dim(self) -> int:
-        """Side of the output-gradient factor ``G``."""
-        return self.out_features
-
-    def factor_shapes(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        """Shapes of ``A`` and ``G``: ``(groups, a_dim, a_dim)`` and ``(groups, g_dim, g_dim)``."""
-        return (self.groups, self.a_dim, self.a_dim), (self.groups, self.g_dim, self.g_dim)
-
-    @abstractmethod
-    def input_rows(self, x: Tensor) -> Tensor:
-        """Rows ``a`` from the layer input ``x``: ``(groups, rows, in_features)``."""
-
-    @abstractmethod
-    def output_rows(self, grad_output: Tensor) -> Tensor:
-        """Rows ``g`` from the output gradient: ``(groups, rows, out_features)``."""
-
-    def gradient(self) -> Tensor | None:
-        """The combined gradient ``V``: ``(groups, g_dim, a_dim)``, or None without a gradient."""
-        weight_grad = self.module.weight.grad
-        if weight_grad is None:
-            return None
-        matrix = weight_grad.reshape(self.groups, self.out_features, self.in_features)
-        if not self.has_bias:
-            return matrix
-        bias_grad = self.module.bias.grad
-        if bias_grad is None:
-            bias_grad = torch.zeros_like(self.module.bias)
-        return torch.cat([matrix, bias_grad.reshape(self.groups, self.out_features, 1)], dim=-1)
-
-    def set_gradient(self, matrix: Tensor) -> None:
-        """Write ``matrix`` (``(groups, g_dim, a_dim)``) back into the parameters' ``.grad``."""
-        weight = self.module.weight
-        weight.grad.copy_(matrix[..., : self.in_features].reshape(weight.shape))
-        if self.has_bias and self.module.bias.grad is not None:
-            self.module.bias.grad.copy_(matrix[..., self.in_features].reshape(-1))
-
-    def parameters(self) -> list[nn.Parameter]:
-        """The parameters this block preconditions."""
-        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+from lightning_kfac.curvature import KroneckerBlock
 
 
-class LinearBlock(LayerBlock):
+class LinearBlock(KroneckerBlock):
     """``nn.Linear`` on input ``(N, ..., d_in)``: every leading position is a row."""
 
     def __init__(self, module: nn.Linear) -> None:
@@ -102,7 +30,7 @@ class LinearBlock(LayerBlock):
         return grad_output.reshape(1, -1, self.out_features)
 
 
-class ConvBlock(LayerBlock):
+class ConvBlock(KroneckerBlock):
     """``nn.Conv1d/2d/3d`` (KFC): rows are unfolded patches, one per output location.
 
     Supports any stride, dilation and groups, integer, tuple, ``'same'`` and ``'valid'``
@@ -160,23 +88,3 @@ def _reversed_padding(
         else:
             pairs.append((padding[i], padding[i]))
     return tuple(p for pair in reversed(pairs) for p in pair)
-
-
-BLOCK_TYPES: dict[type[nn.Module], type[LayerBlock]] = {
-    nn.Linear: LinearBlock,
-    nn.Conv1d: ConvBlock,
-    nn.Conv2d: ConvBlock,
-    nn.Conv3d: ConvBlock,
-}
-
-
-def block_type_for(module: nn.Module) -> type[LayerBlock] | None:
-    """The block class for ``module``, or None if unsupported.
-
-    A subclass of a supported layer qualifies only if it keeps the base class's ``forward``:
-    one that overrides it may compute something the block cannot see.
-    """
-    for base, block_type in BLOCK_TYPES.items():
-        if isinstance(module, base) and type(module).forward is base.forward:
-            return block_type
-    return None

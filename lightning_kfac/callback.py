@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -10,13 +11,21 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from lightning.pytorch.utilities.data import extract_batch_size
+from torch import Tensor, nn
+from typing_extensions import override
 
+from lightning_kfac import registry
 from lightning_kfac.capture import LossScale
 from lightning_kfac.discovery import discover, summary_table
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.engine import KFACEngine, StepStats
-from lightning_kfac.options import KFACOptions
+from lightning_kfac.options import (
+    KFACOptions,
+    check_bool,
+    check_int_at_least,
+    check_str_list,
+)
 from lightning_kfac.schedules import Schedule
 
 #: Metrics logged under ``kfac/``: the damping, the KL-clip scale nu, the number of
@@ -52,12 +61,20 @@ class KFACCallback(Callback):
         kl_clip: the Fisher-norm clip constant c (float or callable); None turns it off.
         damping_method: ``"exact"`` (eigenbasis damping of the Kronecker product) or
             ``"factored"`` (Tikhonov damping of each factor with the pi correction).
-        loss_reduction: ``"mean"`` if the loss averages over the batch, ``"sum"`` if it sums.
+        loss_reduction: ``"mean"`` if the loss averages over terms, ``"sum"`` if it sums (the
+            curvature is then that of the summed loss).
+        loss_terms: what a mean-reduced loss averages over, K: ``"examples"`` (the default;
+            K = N, the micro-batch's examples), ``"positions"`` (K = the positions of the
+            output of the last registered layer the forward pass runs: N*T for a language
+            model's token-mean cross-entropy), ``"elements"`` (K = that output's elements:
+            MSE averaged over every output), or a callable ``batch -> K`` (exact counts with
+            ``ignore_index`` or class weights). A wrong K scales the curvature by the ratio.
         momentum: if set (float or callable), written into the optimizer's ``momentum``
             (SGD) or ``betas[0]`` (Adam) before every step.
         include: glob patterns of module names to register (default: every supported one).
         exclude: glob patterns of module names never to register.
-        factor_dtype: ``"float32"`` or ``"float64"``, the dtype of factors and decompositions.
+        factor_dtype: the dtype of factors and decompositions: ``"auto"`` (float64 for
+            float64 parameters, else float32), ``"float32"`` or ``"float64"``.
         staleness: 0 for synchronous decompositions; s in ``1..inv_update_freq`` computes
             them in the background (a worker thread; a side stream on CUDA) from a snapshot of
             the factors of their step t, while training goes on with the previous ones, and
@@ -69,6 +86,10 @@ class KFACCallback(Callback):
             0 turns logging off.
         progress_bar: metric names (from ``METRICS``, without the ``kfac/`` prefix) also shown
             in the progress bar.
+        batch_size: a callable ``batch -> N`` for batches whose size Lightning's
+            ``extract_batch_size`` cannot read (default: that function).
+        block_types: ``{module class: block class}`` for this fit, looked up before the
+            global table of ``register_block_type``.
 
     Raises:
         ValueError: at construction, for any invalid argument, naming it and what is allowed.
@@ -85,12 +106,15 @@ class KFACCallback(Callback):
         loss_reduction: Literal["mean", "sum"] = "mean",
         momentum: Schedule | None = None,
         include: Sequence[str] | None = None,
-        exclude: Sequence[str] = (),
-        factor_dtype: Literal["float32", "float64"] = "float32",
+        exclude: Sequence[str] | None = (),
+        factor_dtype: Literal["auto", "float32", "float64"] = "auto",
         staleness: int = 0,
         verbose: bool = True,
         log_every_n_steps: int | None = None,
-        progress_bar: Sequence[str] = (),
+        progress_bar: Sequence[str] | None = (),
+        loss_terms: Literal["examples", "positions", "elements"] | float | Callable = "examples",
+        batch_size: Callable[[Any], int] | None = None,
+        block_types: Mapping[type[nn.Module], Callable[[nn.Module], Any]] | None = None,
     ) -> None:
         self.options = KFACOptions(
             damping=damping,
@@ -103,42 +127,70 @@ class KFACCallback(Callback):
             momentum=momentum,
             factor_dtype=factor_dtype,
             staleness=staleness,
+            loss_terms=loss_terms,
         )
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise ValueError("include and exclude must be lists of glob patterns, not a string")
-        self.include = list(include) if include is not None else None
-        self.exclude = list(exclude)
-        self.verbose = verbose
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 0
-        ):
+        patterns = "glob patterns (strings) of module names"
+        self.include = None if include is None else check_str_list("include", include, patterns)
+        self.exclude = check_str_list("exclude", exclude, patterns)
+        self.verbose = check_bool("verbose", verbose)
+        self.log_every_n_steps = check_int_at_least(
+            "log_every_n_steps", log_every_n_steps, 0, none_ok=True
+        )
+        self.progress_bar = check_str_list(
+            "progress_bar", progress_bar, f"metric names from {METRICS}", METRICS
+        )
+        if batch_size is not None and not callable(batch_size):
             raise ValueError(
-                f"log_every_n_steps must be None or an integer >= 0, got {log_every_n_steps!r}"
+                f"batch_size must be None or a callable batch -> N, got {batch_size!r}"
             )
-        unknown = sorted(set(progress_bar) - set(METRICS))
-        if isinstance(progress_bar, str) or unknown:
+        self.batch_size = batch_size
+        if block_types is not None and not isinstance(block_types, Mapping):
             raise ValueError(
-                f"progress_bar must be a list of metric names from {METRICS}, got {progress_bar!r}"
+                f"block_types must be a mapping of module class to block class, got {block_types!r}"
             )
-        self.log_every_n_steps = log_every_n_steps
-        self.progress_bar = list(progress_bar)
+        self.block_types = dict(block_types or {})
         self.engine: KFACEngine | None = None
         self.last_stats: StepStats | None = None
+        self._module: pl.LightningModule | None = None
+        self._lazy: list[str] = []
 
     # -- Lightning hooks -------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.engine is not None:
+        if stage != "fit":
             return
-        found = discover(pl_module, self.include, self.exclude)
+        if self.engine is not None and self._module is pl_module:
+            return  # the same model fitted again keeps its K-FAC state
+        if self._module is not None and self._module is not pl_module:
+            rank_zero_info(
+                "KFACCallback: a new model; the previous model's registration and K-FAC state "
+                "are dropped."
+            )
+            self._close()
+            self.engine = None
+        self._module = pl_module
+        self._register(trainer, pl_module)
+
+    def _register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        lookup = functools.partial(registry.block_type_for, overrides=self.block_types)
+        found = discover(pl_module, self.include, self.exclude, block_type_for=lookup)
+        self._lazy = found.lazy
         if self.verbose:
             rank_zero_info(summary_table(found))
+        for message in found.warnings():
+            rank_zero_warn(message)
+        if self._lazy:
+            rank_zero_warn(
+                f"KFACCallback: lazy modules {self._lazy} are not materialised yet; K-FAC "
+                "registers the model's layers after the first training batch and starts at "
+                "the second step."
+            )
+            return
         if not found.blocks:
             rank_zero_warn(
-                "KFACCallback found no supported layer (nn.Linear, nn.Conv1d/2d/3d) to "
-                "precondition; training continues with the plain optimizer."
+                "KFACCallback found no supported layer to precondition (see the table of "
+                "skipped layers); training continues with the plain optimizer."
             )
             return
         self.engine = KFACEngine(
@@ -147,28 +199,82 @@ class KFACCallback(Callback):
             distribution=self._distribution(trainer),
             warn=rank_zero_warn,
         )
+        rank_zero_info(f"KFACCallback: {self._loss_assumption()}; factors in {self.engine.dtype}.")
 
+    def _loss_assumption(self) -> str:
+        """The loss convention K-FAC works under, for the fit-start summary."""
+        if self.options.loss_reduction == "sum":
+            return "loss taken as a sum over the batch (loss_reduction='sum')"
+        terms = self.options.loss_terms
+        if callable(terms):
+            return "loss taken as a mean over the K terms counted by loss_terms(batch)"
+        if terms == "examples":
+            return (
+                "loss taken as a mean over the examples of each batch (set loss_terms= for "
+                "a loss averaged over tokens or elements, loss_reduction='sum' for a sum)"
+            )
+        return f"loss taken as a mean over the {terms} of the last registered layer's output"
+
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
             self.engine.attach()
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         self._close()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._close()
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.engine is not None:
-            self.engine.start_microbatch(self._loss_scale(trainer))
+        if self.engine is None:
+            return
+        examples = self.batch_size(batch) if self.batch_size else extract_batch_size(batch)
+        terms = self.options.loss_terms
+        self.engine.start_microbatch(
+            self._loss_scale(trainer),
+            examples=int(examples),
+            loss_terms=float(terms(batch)) if callable(terms) else None,
+        )
 
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._lazy and self.engine is None:
+            self._register(trainer, pl_module)
+            if self.engine is not None:
+                self.engine.attach()
+
+    @override
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
+    ) -> None:
+        if self.engine is not None:
+            self.engine.begin_backward()
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.engine is not None:
+            self.engine.end_backward()
+
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -177,22 +283,26 @@ class KFACCallback(Callback):
         if self._scaler_found_inf(trainer, optimizer):
             self.engine.skip_step()  # the scaler skips the optimizer step; so does K-FAC
             return
-        self.last_stats = self.engine.step(optimizer.param_groups)
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        self.last_stats = self.engine.step(optimizer.param_groups, optimizer=index)
         self._log(trainer, pl_module, self.last_stats)
 
     # -- checkpoints -----------------------------------------------------------------------
 
     @property
+    @override
     def state_key(self) -> str:
         """Constant, so that changing hyperparameters does not orphan the saved state."""
         return "KFACCallback"
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        """Step counter, running factors, the factors behind the current decompositions and
+        """Step counters, running factors, the factors behind the current decompositions and
         counters (tensors, dicts and primitives only). Schedules are functions of the step,
         so the step counter is all their state."""
         return {} if self.engine is None else self.engine.state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
@@ -205,11 +315,10 @@ class KFACCallback(Callback):
 
     # -- introspection ---------------------------------------------------------------------
 
-    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """``{module name: (A, G)}``, the running factors in the reference's convention.
-
-        ``A`` is ``(groups, a_dim, a_dim)`` and ``G`` is ``(groups, g_dim, g_dim)``; groups is
-        1 except for grouped convolutions. Empty before the first factor update.
+    def factors(self) -> dict[str, tuple[Tensor, ...]]:
+        """``{module name: factors}``, the running factors in the reference's convention:
+        ``(A, G)`` for Kronecker blocks, ``(a_dim, a_dim)`` and ``(g_dim, g_dim)``; grouped
+        convolutions keep a leading groups dimension. Empty before the first factor update.
         """
         return {} if self.engine is None else self.engine.factors()
 

@@ -1,68 +1,70 @@
-"""Hooks that collect one batch's Kronecker factors (reference, section 2).
+"""Hooks that collect one factor batch's statistics (reference, sections 1-2).
 
 The layer input is taken by a forward hook, the output gradient by a tensor hook on the
 layer's output (unlike ``register_full_backward_hook``, this works when an in-place
 activation such as ``ReLU(inplace=True)`` follows the layer). Hooks do work only while the
-capture is armed, in the factor dtype with autocast disabled, and every call of a module in
-one forward pass contributes its rows.
+capture is armed, in the factor dtype with autocast disabled.
+
+What a block's factors see follows its gradient. The statistics of a forward pass are
+*pending* until its backward pass ends; they are then *committed* with that pass's N (the
+examples of the micro-batch: a property of the step, never read from a layer's input) and
+K (what the loss averages over). A backward pass that does not reach a layer's weight
+(frozen, or toggled off by another optimizer) commits nothing for it, and a backward pass
+that starts a layer's gradient afresh (its ``.grad`` is None) drops what the layer had
+committed before, so a layer's factors come from exactly the passes its gradient sums.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_kfac.blocks import LayerBlock
+from lightning_kfac.curvature import CurvatureBlock
 
 #: What the loss was multiplied by before backward: a number, a tensor, or a callable read
 #: during backward (a GradScaler creates its scale tensor lazily, in its first ``scale``).
 LossScale = float | Tensor | Callable[[], float | Tensor]
 
+#: What a mean-reduced loss averages over (reference, section 1): ``"examples"`` (K = N),
+#: ``"positions"`` (K = the number of output positions of the last registered layer the
+#: forward pass ran, N*T for a language model's head), ``"elements"`` (K = the number of
+#: elements of that output: MSE averaged over every output), or K itself as a number.
+LossTerms = str | float
+LOSS_TERMS = ("examples", "positions", "elements")
+
 
 @dataclass
-class BatchFactors:
-    """One batch's factors for one block.
+class CapturedFactors:
+    """One factor batch of one block.
 
     Attributes:
-        A: ``(groups, a_dim, a_dim)``, the mean of ``a a^T`` over rows.
-        G: ``(groups, g_dim, g_dim)``, ``(1/N) sum g-hat g-hat^T``.
-        examples: N, the number of examples the batch held.
+        factors: ``{key: tensor}`` of ``block.factor_shapes()``.
+        examples: N summed over the passes that reached the block (weights ranks).
     """
 
-    A: Tensor
-    G: Tensor
+    factors: dict[str, Tensor]
     examples: int
 
 
+@dataclass
 class _Sums:
-    """Running sums for one block within one factor batch."""
-
-    def __init__(self) -> None:
-        self.a_sum: Tensor | None = None
-        self.rows = 0
-        self.g_sum: Tensor | None = None
-        self.examples = 0
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    rows: int = 0
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    examples: int = 0
 
 
-def gram(rows: Tensor, homogeneous: bool) -> Tensor:
-    """``rows^T rows`` per group, with a trailing coordinate of ones when ``homogeneous``.
-
-    Args:
-        rows: ``(groups, M, d)``.
-
-    Returns:
-        ``(groups, d, d)``, or ``(groups, d + 1, d + 1)`` when ``homogeneous``.
-    """
-    if homogeneous:
-        rows = F.pad(rows, (0, 1), value=1.0)
-    return rows.mT @ rows
+def _add(total: dict[str, Tensor], part: Mapping[str, Tensor], weight: float = 1.0) -> None:
+    for key, value in part.items():
+        value = value * weight if weight != 1.0 else value
+        total[key] = value if key not in total else total[key] + value
 
 
 def _full_precision(device_type: str) -> contextlib.AbstractContextManager:
@@ -80,24 +82,34 @@ def _no_grad_no_autocast(device_type: str):
 
 
 class FactorCapture:
-    """Forward and tensor hooks that accumulate batch factors for a set of blocks.
+    """Forward and tensor hooks that accumulate factor statistics for a set of blocks.
 
     Args:
         blocks: ``{module name: block}``.
-        loss_reduction: ``"mean"`` (g-hat = N g) or ``"sum"`` (g-hat = g).
-        dtype: dtype the factors are computed in.
+        loss_reduction: ``"mean"`` or ``"sum"`` (K = 1).
+        dtype: dtype the statistics are computed in.
+        loss_terms: what a mean-reduced loss averages over (``LOSS_TERMS`` or a number).
     """
 
     def __init__(
-        self, blocks: Mapping[str, LayerBlock], *, loss_reduction: str, dtype: torch.dtype
+        self,
+        blocks: Mapping[str, CurvatureBlock],
+        *,
+        loss_reduction: str,
+        dtype: torch.dtype,
+        loss_terms: LossTerms = "examples",
     ) -> None:
         self.blocks = dict(blocks)
         self.loss_reduction = loss_reduction
         self.dtype = dtype
+        self.loss_terms = loss_terms
         self.armed = False
         self._loss_scale: LossScale = 1.0
-        self._sums = {name: _Sums() for name in self.blocks}
-        self._counted: set[str] = set()
+        self._examples: int | None = None
+        self._microbatch_terms: LossTerms | None = None
+        self._last_output: torch.Size | None = None
+        self._pending = {name: _Sums() for name in self.blocks}
+        self._committed = {name: _Sums() for name in self.blocks}
         self._handles: list[RemovableHandle] = []
         #: Host seconds spent inside the hooks since the last ``pop`` (on a GPU this is the
         #: time to launch the kernels, not to run them).
@@ -118,68 +130,120 @@ class FactorCapture:
         self._handles.clear()
         self.armed = False
 
-    def start_microbatch(self, loss_scale: LossScale = 1.0) -> None:
-        """Arm the hooks for one forward/backward pass.
+    def start_microbatch(
+        self,
+        loss_scale: LossScale = 1.0,
+        examples: int | None = None,
+        loss_terms: LossTerms | None = None,
+    ) -> None:
+        """Arm the hooks for one forward/backward pass (commits the previous one).
 
         Args:
             loss_scale: factor the loss was multiplied by before backward (``1/k`` under
-                gradient accumulation over k micro-batches, times a GradScaler's scale); the
-                output gradients are divided by it.
+                gradient accumulation over k micro-batches, times a GradScaler's scale).
+            examples: N, the examples of this micro-batch. None: the leading dimension of
+                the first registered layer's input in this pass (right for batch-first
+                models only; the Lightning callback always passes N).
+            loss_terms: K for this micro-batch, overriding the capture's ``loss_terms``.
         """
+        self.end_backward()
         self.armed = True
         self._loss_scale = loss_scale
-        self._counted.clear()
+        self._examples = examples
+        self._microbatch_terms = loss_terms
+        self._last_output = None
 
     def stop(self) -> None:
         """Disarm the hooks; what was accumulated stays until ``pop``."""
         self.armed = False
 
-    def pop(self) -> dict[str, BatchFactors]:
-        """The accumulated batch factors of every block that saw both passes; resets the sums."""
+    def begin_backward(self) -> None:
+        """Before a backward pass: a block whose gradient starts afresh (``.grad`` None)
+        drops what it committed before."""
+        for name, block in self.blocks.items():
+            if all(p.grad is None for p in block.parameters()):
+                self._committed[name] = _Sums()
+
+    def end_backward(self) -> None:
+        """After a backward pass: commit the pending statistics of every block it reached
+        with this pass's N and K; drop those of blocks it did not reach."""
+        pending = [name for name, sums in self._pending.items() if sums.inputs or sums.outputs]
+        if not pending:
+            return
+        examples = self._examples
+        k = self._terms(examples)
+        for name in pending:
+            sums = self._pending[name]
+            self._pending[name] = _Sums()
+            if not sums.outputs or not sums.inputs or not examples:
+                continue
+            committed = self._committed[name]
+            _add(committed.inputs, sums.inputs)
+            committed.rows += sums.rows
+            _add(committed.outputs, sums.outputs, weight=float(examples * k))
+            committed.examples += examples
+
+    def pop(self, names: Iterable[str] | None = None) -> dict[str, CapturedFactors]:
+        """The committed factor batch of ``names`` (default: every block) that saw both
+        passes; resets them."""
+        self.end_backward()
         result = {}
-        for name, sums in self._sums.items():
-            if sums.a_sum is not None and sums.g_sum is not None and sums.examples > 0:
-                result[name] = BatchFactors(
-                    A=sums.a_sum / sums.rows, G=sums.g_sum / sums.examples, examples=sums.examples
-                )
-        self._sums = {name: _Sums() for name in self.blocks}
+        for name in self.blocks if names is None else names:
+            sums, self._committed[name] = self._committed[name], _Sums()
+            keys = self.blocks[name].factor_shapes()
+            if sums.examples and set(sums.inputs) | set(sums.outputs) >= set(keys):
+                factors = {key: value / sums.rows for key, value in sums.inputs.items()}
+                factors |= {key: value / sums.examples for key, value in sums.outputs.items()}
+                result[name] = CapturedFactors(factors, sums.examples)
         self.seconds = 0.0
         return result
 
-    def _forward_hook(self, name: str, block: LayerBlock):
+    def discard(self) -> None:
+        """Drop everything pending and committed."""
+        self._pending = {name: _Sums() for name in self.blocks}
+        self._committed = {name: _Sums() for name in self.blocks}
+        self.seconds = 0.0
+
+    def _terms(self, examples: int | None) -> float:
+        """K: what the loss of the pass just ended averages over."""
+        if self.loss_reduction == "sum":
+            return 1.0
+        terms = self._microbatch_terms if self._microbatch_terms is not None else self.loss_terms
+        if not isinstance(terms, str):
+            return float(terms)
+        if terms == "examples" or self._last_output is None:
+            return float(examples or 0)
+        numel = self._last_output.numel()
+        return float(numel if terms == "elements" else numel // max(self._last_output[-1], 1))
+
+    def _forward_hook(self, name: str, block: CurvatureBlock):
         def hook(module, args, kwargs, output) -> None:
             if not self.armed or not torch.is_grad_enabled() or not isinstance(output, Tensor):
                 return
-            if not output.requires_grad:
+            if not output.requires_grad or not block.parameters()[0].requires_grad:
                 return
             start = time.perf_counter()
             x = args[0] if args else next(iter(kwargs.values()))
-            batch_size = x.shape[0] if x.dim() > 1 else 1
+            if self._examples is None:
+                self._examples = x.shape[0] if x.dim() > 1 else 1
+            self._last_output = output.shape
             with _full_precision(x.device.type):
-                rows = block.input_rows(x.detach().to(self.dtype))
-                sums = self._sums[name]
-                contribution = gram(rows, block.has_bias)
-                sums.a_sum = contribution if sums.a_sum is None else sums.a_sum + contribution
-                sums.rows += rows.shape[1]
-            if name not in self._counted:
-                self._counted.add(name)
-                sums.examples += batch_size
-            output.register_hook(self._gradient_hook(name, block, batch_size, self._loss_scale))
+                statistics, rows, context = block.capture_input(x.detach().to(self.dtype))
+                pending = self._pending[name]
+                _add(pending.inputs, statistics)
+                pending.rows += rows
+            output.register_hook(self._gradient_hook(name, block, context, self._loss_scale))
             self.seconds += time.perf_counter() - start
 
         return hook
 
-    def _gradient_hook(self, name: str, block: LayerBlock, batch_size: int, loss_scale: LossScale):
-        per_example = batch_size if self.loss_reduction == "mean" else 1
-
+    def _gradient_hook(self, name: str, block: CurvatureBlock, context: Any, loss_scale: LossScale):
         def hook(grad: Tensor) -> None:
             start = time.perf_counter()
             scale = loss_scale() if callable(loss_scale) else loss_scale
             with _full_precision(grad.device.type):
-                rows = block.output_rows(grad.to(self.dtype))
-                contribution = (rows.mT @ rows) * (per_example / scale) ** 2
-                sums = self._sums[name]
-                sums.g_sum = contribution if sums.g_sum is None else sums.g_sum + contribution
+                statistics = block.capture_output(grad.to(self.dtype) / scale, context)
+                _add(self._pending[name].outputs, statistics)
             self.seconds += time.perf_counter() - start
 
         return hook

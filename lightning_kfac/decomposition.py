@@ -1,8 +1,16 @@
-"""Symmetric eigendecompositions of Kronecker factors, with fallbacks that never crash."""
+"""Decompositions of curvature factors, with fallbacks that never crash.
+
+A decomposition is a small dataclass of tensors that share a leading *groups* dimension
+(``tensors()`` lists them; its block rebuilds it from them), so the distribution can send
+any kind over the wire and the engine can stack factors of one shape into one batched call.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -24,9 +32,19 @@ class Eigen:
     values: Tensor
 
     @property
-    def traces(self) -> Tensor:
+    def mean_eigenvalue(self) -> Tensor:
         """``tr(F) / d`` per group, ``(groups,)``."""
         return self.values.mean(dim=-1)
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """The tensors that make up the decomposition, in wire order."""
+        return self.values, self.vectors
+
+
+class Decomposition(Protocol):
+    """Any decomposition: tensors with a common leading groups dimension."""
+
+    def tensors(self) -> tuple[Tensor, ...]: ...
 
 
 @dataclass
@@ -42,7 +60,8 @@ def _eigh(matrix: Tensor) -> Eigen | None:
         values, vectors = torch.linalg.eigh(matrix)
     except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
         return None
-    if not (torch.isfinite(values).all() and torch.isfinite(vectors).all()):
+    # One host read: a NaN or inf anywhere makes the sum non-finite (eigenvectors are bounded).
+    if not torch.isfinite(values.sum() + vectors.sum()):
         return None
     return Eigen(vectors=vectors, values=values.clamp_min(0.0))
 
@@ -79,3 +98,44 @@ def symmetric_eigen(matrix: Tensor, damping: float) -> tuple[Eigen | None, Decom
 
 def _cast(eigen: Eigen, dtype: torch.dtype) -> Eigen:
     return Eigen(vectors=eigen.vectors.to(dtype), values=eigen.values.to(dtype))
+
+
+#: One decomposition and how it was obtained.
+Outcome = tuple[Decomposition | None, DecompositionReport]
+
+
+class DecompositionMethod(ABC):
+    """How one kind of factor is decomposed.
+
+    Factors with equal ``batch_key`` are decomposed in one call of ``decompose``, stacked
+    along their leading groups dimension.
+    """
+
+    def batch_key(self, matrix: Tensor) -> Hashable:
+        """Factors with the same key may be stacked: by default, same shape past the groups
+        dimension, dtype and device."""
+        return (type(self), tuple(matrix.shape[1:]), matrix.dtype, matrix.device)
+
+    @abstractmethod
+    def decompose(self, matrices: Sequence[Tensor], damping: float) -> list[Outcome]:
+        """Decompose each of ``matrices`` (``(groups_i, ...)`` each, one batch key)."""
+
+
+class SymmetricEigenMethod(DecompositionMethod):
+    """``torch.linalg.eigh`` of symmetric factors, batched; on failure each factor falls back
+    alone through ``symmetric_eigen`` (float64, then a growing diagonal)."""
+
+    def decompose(self, matrices: Sequence[Tensor], damping: float) -> list[Outcome]:
+        if len(matrices) == 1:
+            return [symmetric_eigen(matrices[0], damping)]
+        eigen = _eigh(torch.cat(list(matrices)))
+        if eigen is None:
+            return [symmetric_eigen(matrix, damping) for matrix in matrices]
+        counts = [matrix.shape[0] for matrix in matrices]
+        return [
+            (Eigen(vectors=vectors, values=values), DecompositionReport("ok"))
+            for values, vectors in zip(eigen.values.split(counts), eigen.vectors.split(counts))
+        ]
+
+
+SYMMETRIC_EIGEN = SymmetricEigenMethod()

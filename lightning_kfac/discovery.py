@@ -1,14 +1,50 @@
-"""Finding the layers K-FAC preconditions, and the summary table of what it found."""
+"""Finding the layers K-FAC preconditions, and the summary table of what it found.
+
+Nothing is left silent: every module with trainable parameters of its own that K-FAC does
+not precondition is listed in :attr:`Discovery.skipped` exactly once, with the reason, and
+every ``include``/``exclude`` pattern that matches no module is reported.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import ast
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
+from torch.nn.utils import parametrize
 
-from lightning_kfac.blocks import LayerBlock, block_type_for
+from lightning_kfac import registry
+from lightning_kfac.curvature import CurvatureBlock
+from lightning_kfac.registry import BlockFactory
+
+#: The lookup from a module to the factory of its block (None if unsupported).
+BlockTypeFor = Callable[[nn.Module], BlockFactory | None]
+
+_NAMES_SHOWN = 5
+
+LAZY_REASON = "lazy module not yet materialised (discover again after the first forward)"
+ZERO_WIDTH_REASON = "zero-width layer (no parameters to precondition)"
+MHA_CHILD_REASON = "used functionally by MultiheadAttention (its forward is never called)"
+PARAMETRIZED_REASON = (
+    "{names} parametrized (torch.nn.utils.parametrize): the gradient lands on the original "
+    "parameters, which K-FAC does not precondition"
+)
+NOT_A_PARAMETER_REASON = (
+    "weight is not an nn.Parameter (e.g. the old torch.nn.utils.weight_norm/spectral_norm): "
+    "its gradient lands on {names}, which K-FAC does not precondition"
+)
+MHA_REASON = (
+    "parameters of nn.MultiheadAttention ({names}) are used functionally and keep their "
+    "plain gradient"
+)
+FROZEN_NOTE = (
+    " at fit start: the layer keeps its plain gradient for the whole fit, even if it is "
+    "unfrozen later (BackboneFinetuning); fit again after unfreezing to precondition it"
+)
+CONTAINER_REASON = "parameters of a container module ({names}) keep their plain gradient"
 
 
 @dataclass
@@ -22,18 +58,62 @@ class Skipped:
 
 @dataclass
 class Discovery:
-    """The result of scanning a model."""
+    """The result of scanning a model.
 
-    blocks: dict[str, LayerBlock]
+    Attributes:
+        blocks: the registered blocks by module name.
+        skipped: modules with parameters of their own left with their plain gradient, each
+            once, with the reason.
+        unmatched_patterns: ``include``/``exclude`` patterns matching no module with
+            parameters, as ``"include 'enc.*'"`` / ``"exclude 'head'"``.
+        lazy: names of lazy modules not yet materialised; discover again after a forward.
+        layer_names: names of the modules with parameters of their own (what patterns match).
+        plain_parameter_count: trainable parameter elements left with their plain gradient
+            (parameters of unmaterialised lazy modules are not counted).
+    """
+
+    blocks: dict[str, CurvatureBlock]
     skipped: list[Skipped]
+    unmatched_patterns: list[str] = field(default_factory=list)
+    lazy: list[str] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+    plain_parameter_count: int = 0
+
+    def warnings(self) -> list[str]:
+        """One message per pattern in :attr:`unmatched_patterns`, naming it."""
+        names = [name for name in self.layer_names if name]
+        shown = ", ".join(repr(name) for name in names[:_NAMES_SHOWN])
+        if len(names) > _NAMES_SHOWN:
+            shown += ", ..."
+        messages = []
+        for entry in self.unmatched_patterns:
+            kind, _, quoted = entry.partition(" ")
+            message = f"K-FAC: {kind} pattern {quoted} matches no module"
+            pattern = ast.literal_eval(quoted)
+            if any(name.startswith(f"{pattern}.") for name in names):
+                message += f" (patterns match full module names: did you mean '{pattern}.*'?)"
+            if names:
+                message += f"; module names look like: [{shown}]"
+            else:
+                message += "; the model has no module with parameters"
+            messages.append(message)
+        return messages
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def _names(parameters: Mapping[str, nn.Parameter]) -> str:
+    return ", ".join(parameters) or "none"
+
+
 def discover(
-    model: nn.Module, include: Sequence[str] | None = None, exclude: Sequence[str] = ()
+    model: nn.Module,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = (),
+    *,
+    block_type_for: BlockTypeFor = registry.block_type_for,
 ) -> Discovery:
     """Register every supported layer of ``model``.
 
@@ -41,60 +121,163 @@ def discover(
         model: the model; names are those of ``model.named_modules()``.
         include: glob patterns (``fnmatch``, e.g. ``"encoder.*"``); if given, only matching
             modules are registered.
-        exclude: glob patterns of modules never registered.
+        exclude: glob patterns of modules never registered (None: none).
+        block_type_for: the lookup from a module to its block class (called as
+            ``block_type_for(module)``, None if unsupported).
 
     Returns:
-        The registered blocks by module name, and the modules with parameters of their own
-        that were skipped, with the reason.
+        The registered blocks by module name, the modules with trainable parameters of
+        their own that were skipped (with the reason), the patterns that matched nothing and
+        the lazy modules still to be materialised.
     """
-    blocks: dict[str, LayerBlock] = {}
+    include = None if include is None else list(include)
+    exclude = list(exclude or ())
+    blocks: dict[str, CurvatureBlock] = {}
     skipped: list[Skipped] = []
+    lazy: list[str] = []
+    layer_names: list[str] = []
+    covered: list[str] = []  # ``parametrizations`` subtrees, reported with their layer
+    mha_children = {
+        id(child)
+        for module in model.modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child in module.children()
+    }
+
     for name, module in model.named_modules():
-        own_parameters = list(module.parameters(recurse=False))
-        if not own_parameters:
+        if any(name == prefix or name.startswith(f"{prefix}.") for prefix in covered):
             continue
-        type_name = type(module).__name__
+        own = dict(module.named_parameters(recurse=False))
+        parametrized = parametrize.is_parametrized(module)
+        if parametrized:
+            prefix = f"{name}.parametrizations" if name else "parametrizations"
+            covered.append(prefix)
+            own.update(
+                (f"parametrizations.{key}", p)
+                for key, p in module.parametrizations.named_parameters()
+            )
+        if not own:
+            continue
+        layer_names.append(name)
         block_type = block_type_for(module)
-        reason = None
-        if block_type is None:
-            reason = "unsupported layer type"
-        elif include is not None and not _matches(name, include):
-            reason = "not matched by include"
-        elif _matches(name, exclude):
-            reason = "matched by exclude"
-        elif not any(p.requires_grad for p in own_parameters):
-            reason = "all parameters frozen"
-        elif not module.weight.requires_grad:
-            reason = "weight frozen"
+        reason = _reason(
+            name,
+            module,
+            own,
+            block_type,
+            parametrized,
+            id(module) in mha_children,
+            include,
+            exclude,
+        )
+        if reason == LAZY_REASON:
+            lazy.append(name)
         if reason is None:
             try:
                 blocks[name] = block_type(module)
             except TypeError as error:
                 reason = str(error)
-        if reason is not None:
-            skipped.append(Skipped(name, type_name, reason))
-    return Discovery(blocks, skipped)
+        if reason:
+            skipped.append(Skipped(name, type(module).__name__, reason))
+
+    unmatched = [
+        f"{kind} {pattern!r}"
+        for kind, patterns in (("include", include or []), ("exclude", exclude))
+        for pattern in dict.fromkeys(patterns)
+        if not any(fnmatchcase(name, pattern) for name in layer_names)
+    ]
+    preconditioned = {id(p) for block in blocks.values() for p in block.parameters()}
+    plain = sum(
+        p.numel()
+        for p in model.parameters()
+        if p.requires_grad
+        and id(p) not in preconditioned
+        and not isinstance(p, UninitializedParameter)
+    )
+    return Discovery(blocks, skipped, unmatched, lazy, layer_names, plain)
+
+
+def _reason(
+    name: str,
+    module: nn.Module,
+    own: dict[str, nn.Parameter],
+    block_type: BlockFactory | None,
+    parametrized: bool,
+    mha_child: bool,
+    include: list[str] | None,
+    exclude: list[str],
+) -> str | None:
+    """Why ``module`` is not registered: a reason, ``""`` to leave it unlisted, or None."""
+    if any(isinstance(p, UninitializedParameter) for p in own.values()):
+        return LAZY_REASON
+    trainable = any(p.requires_grad for p in own.values())
+    if block_type is None:
+        if not trainable:
+            return ""  # frozen: the plain gradient is no gradient
+        if isinstance(module, nn.MultiheadAttention):
+            return MHA_REASON.format(names=_names(own))
+        if parametrized:
+            return PARAMETRIZED_REASON.format(names=_parametrized_names(module))
+        if next(module.children(), None) is not None:
+            return CONTAINER_REASON.format(names=_names(own))
+        return "unsupported layer type"
+    if parametrized:
+        return PARAMETRIZED_REASON.format(names=_parametrized_names(module))
+    weight = getattr(module, "weight", None)
+    if weight is not None and not isinstance(weight, nn.Parameter):
+        return NOT_A_PARAMETER_REASON.format(names=_names(own))
+    if mha_child:
+        return MHA_CHILD_REASON
+    if any(p.numel() == 0 for p in own.values()):
+        return ZERO_WIDTH_REASON
+    if include is not None and not _matches(name, include):
+        return "not matched by include"
+    if _matches(name, exclude):
+        return "matched by exclude"
+    if not trainable:
+        return "all parameters frozen" + FROZEN_NOTE
+    if weight is not None and not weight.requires_grad:
+        return "weight frozen" + FROZEN_NOTE
+    return None
+
+
+def _parametrized_names(module: nn.Module) -> str:
+    names = list(module.parametrizations.keys())
+    return "weight is" if names == ["weight"] else f"{', '.join(names)} are"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    shape = tuple(shape)
+    if len(shape) == 3:
+        groups = f"{shape[0]} x " if shape[0] > 1 else ""
+        return f"{groups}{shape[1]}x{shape[2]}"
+    return "x".join(str(size) for size in shape)
+
+
+def _factors_text(block: CurvatureBlock) -> str:
+    shapes = block.factor_shapes()
+    return ", ".join(f"{key} {_shape_text(shape)}" for key, shape in shapes.items())
 
 
 def summary_table(discovery: Discovery) -> str:
-    """A text table of the registered layers (name, type, factor shapes) and the skipped ones."""
-    rows = [("", "Name", "Type", "A", "G")]
-    for index, (name, block) in enumerate(discovery.blocks.items()):
-        a_shape, g_shape = block.factor_shapes()
-        groups = f"{a_shape[0]} x " if a_shape[0] > 1 else ""
-        rows.append(
-            (
-                str(index),
-                name,
-                type(block.module).__name__,
-                f"{groups}{a_shape[1]}x{a_shape[2]}",
-                f"{groups}{g_shape[1]}x{g_shape[2]}",
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["K-FAC registered layers:"]
-    lines += ["  " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    """A text table of the registered layers, then the skipped ones and unmatched patterns."""
+    rows = [("Name", "Type", "Kind", "Factors")]
+    rows += [
+        (name or "<root>", type(block.module).__name__, type(block).__name__, _factors_text(block))
+        for name, block in discovery.blocks.items()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"K-FAC registered layers ({len(discovery.blocks)}):"]
+    lines += [
+        "  " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows
+    ]
     if discovery.skipped:
-        lines.append("K-FAC skipped (plain gradient):")
-        lines += [f"  {s.name} ({s.type_name}): {s.reason}" for s in discovery.skipped]
+        lines.append(
+            f"K-FAC skipped (plain gradient, {discovery.plain_parameter_count} trainable "
+            "parameters in all):"
+        )
+        lines += [f"  {s.name or '<root>'} ({s.type_name}): {s.reason}" for s in discovery.skipped]
+    if discovery.unmatched_patterns:
+        unmatched = ", ".join(discovery.unmatched_patterns)
+        lines.append(f"K-FAC patterns matching no module: {unmatched}")
     return "\n".join(lines)

@@ -1,38 +1,85 @@
 """How factors, decompositions and preconditioned gradients are shared between processes.
 
-``LocalDistribution`` is the single-process case: every operation is local. The engine talks
-only to this interface, so data-parallel training is a different ``Distribution`` and not a
-different engine.
+The engine talks to one ``Distribution`` protocol and moves generic units: a block's factor
+``(block name, factor key)``. ``LocalDistribution`` is the single-process case;
+``DataParallelDistribution`` runs data parallel over a process group, with two policies
+chosen by its options: *when* factors are reduced (``LazyReduction`` on decomposition steps,
+``EagerReduction`` on every factor update) and *who* keeps decompositions
+(``SharedDecompositions``: every rank, after the owners' broadcasts; ``OwnerPreconditioning``:
+only the owner, which preconditions its blocks and broadcasts their gradients). Nothing here
+assumes a rank holds whole parameters: gradients are whatever the blocks read on this rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from lightning_kfac.assignment import greedy_assignment
-from lightning_kfac.blocks import LayerBlock
-from lightning_kfac.capture import BatchFactors
+from lightning_kfac.capture import CapturedFactors
 from lightning_kfac.communication import Collectives, buckets, pack, packed_size, unpack
-from lightning_kfac.decomposition import Eigen
-from lightning_kfac.factors import KroneckerFactors
+from lightning_kfac.curvature import CurvatureBlock
+from lightning_kfac.decomposition import Decomposition
+from lightning_kfac.options import DataParallelOptions
+from lightning_kfac.state import Decompositions, Factors
 
-#: ``(A, G)`` per block name.
-FactorPairs = dict[str, tuple[Tensor, Tensor]]
-#: ``(eigen of A, eigen of G)`` per block name; None where the decomposition failed.
-EigenPairs = dict[str, tuple[Eigen | None, Eigen | None]]
-#: Decompositions by ``(block name, "A" or "G")``.
-OwnedEigens = dict[tuple[str, str], Eigen | None]
+#: A factor: ``(block name, factor key)``.
+Unit = tuple[str, str]
+#: Decomposes many factors at once (batched by shape): ``{unit: decomposition or None}``.
+Decompose = Callable[[Sequence[tuple[Unit, Tensor]]], dict[Unit, Decomposition | None]]
+#: Preconditions the gradients of a set of blocks.
+Apply = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
 
 
-def all_finite(batch: Mapping[str, BatchFactors]) -> bool:
+def all_finite(batch: Mapping[str, CapturedFactors]) -> bool:
     """Whether every factor in ``batch`` is finite, with one host synchronisation."""
-    if not batch:
-        return True
-    flags = [torch.isfinite(b.A).all() & torch.isfinite(b.G).all() for b in batch.values()]
-    return bool(torch.stack(flags).all())
+    sums = [t.sum() for captured in batch.values() for t in captured.factors.values()]
+    return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
+
+
+class Distribution(Protocol):
+    """What the engine needs from the processes it runs on."""
+
+    world_size: int
+    rank: int
+
+    def setup(self, blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype) -> None:
+        """Prepare for ``blocks`` (check that ranks agree, assign the work)."""
+
+    def combine_batch(
+        self, batch: Mapping[str, CapturedFactors], names: Sequence[str]
+    ) -> Factors | None:
+        """The factor batch of ``names`` to fold into this rank's running averages, or None
+        when it is skipped (a non-finite factor on any rank)."""
+
+    def reduce(self, running: Mapping[str, Mapping[str, Tensor]]) -> Factors:
+        """The global factors of ``running`` (a snapshot later steps do not change)."""
+
+    def decompose_owned(self, factors: Factors, decompose: Decompose) -> dict[Unit, object]:
+        """Decompose the factors this rank owns; local work only (safe in a thread)."""
+
+    def share(self, owned: dict[Unit, object], factors: Factors) -> Decompositions:
+        """The decompositions this rank keeps, from those each rank owns."""
+
+    def refresh(
+        self, running: Mapping[str, Mapping[str, Tensor]], decompose: Decompose
+    ) -> tuple[Factors, Decompositions]:
+        """A synchronous decomposition step: the global factors and the kept decompositions."""
+
+    def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
+        """The preconditioned gradient of every block in ``grads``, in the same order."""
+
+
+def _units(factors: Mapping[str, Mapping[str, Tensor]]) -> list[Unit]:
+    return [(name, key) for name, pair in factors.items() for key in pair]
+
+
+def snapshot(running: Mapping[str, Mapping[str, Tensor]]) -> Factors:
+    """A copy of ``running`` that later in-place updates do not change."""
+    return {name: {key: t.clone() for key, t in pair.items()} for name, pair in running.items()}
 
 
 class LocalDistribution:
@@ -41,100 +88,228 @@ class LocalDistribution:
     world_size = 1
     rank = 0
 
-    def setup(self, blocks: Mapping[str, LayerBlock], dtype: torch.dtype) -> None:
-        """Prepare for ``blocks`` whose factors are in ``dtype`` (distributed versions check
-        that ranks agree and assign the work)."""
+    def setup(self, blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype) -> None:
+        self.blocks = dict(blocks)
 
-    def combine_batch(self, batch: Mapping[str, BatchFactors]) -> FactorPairs | None:
-        """The batch factors to fold into this process's running averages, or None to skip.
-
-        A batch with any non-finite factor is skipped whole.
-        """
+    def combine_batch(
+        self, batch: Mapping[str, CapturedFactors], names: Sequence[str]
+    ) -> Factors | None:
         if not all_finite(batch):
             return None
-        return {name: (b.A, b.G) for name, b in batch.items()}
+        return {name: batch[name].factors for name in names if name in batch}
 
-    def reduce(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
-        """The global factors: a snapshot that later steps do not change."""
-        return {name: (f.A.clone(), f.G.clone()) for name, f in factors.items() if f.ready}
+    def reduce(self, running: Mapping[str, Mapping[str, Tensor]]) -> Factors:
+        return snapshot(running)
 
-    def decompose_owned(
-        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
-    ) -> OwnedEigens:
-        """Decompose the factors this process owns (all of them here). Local work only:
-        safe to run in a background thread."""
-        return {
-            (name, kind): decompose(pair[index])
-            for name, pair in pairs.items()
-            for index, kind in enumerate("AG")
-        }
+    def decompose_owned(self, factors: Factors, decompose: Decompose) -> dict[Unit, object]:
+        return decompose([(unit, factors[unit[0]][unit[1]]) for unit in _units(factors)])
 
-    def share(self, owned: OwnedEigens, pairs: FactorPairs) -> EigenPairs:
-        """The decompositions this process keeps, from those each process owns."""
-        return {name: (owned[(name, "A")], owned[(name, "G")]) for name in pairs}
+    def share(self, owned: dict[Unit, object], factors: Factors) -> Decompositions:
+        return {name: {key: owned[(name, key)] for key in pair} for name, pair in factors.items()}
 
     def refresh(
-        self,
-        factors: Mapping[str, KroneckerFactors],
-        decompose: Callable[[Tensor], Eigen | None],
-    ) -> tuple[FactorPairs, EigenPairs]:
-        """On a synchronous decomposition step: the global factors and the decompositions
-        kept here."""
-        pairs = self.reduce(factors)
-        return pairs, self.share(self.decompose_owned(pairs, decompose), pairs)
+        self, running: Mapping[str, Mapping[str, Tensor]], decompose: Decompose
+    ) -> tuple[Factors, Decompositions]:
+        factors = self.reduce(running)
+        return factors, self.share(self.decompose_owned(factors, decompose), factors)
+
+    def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
+        return apply(grads)
+
+
+# -- data parallel: who keeps decompositions ------------------------------------------------
+
+
+class SharedDecompositions:
+    """Each factor's decomposition is computed by one rank (greedy by cost) and broadcast
+    to every rank; every rank preconditions its own gradient. Communication-optimised."""
+
+    def assign(self, blocks: Mapping[str, CurvatureBlock], world_size: int) -> None:
+        self.costs = {
+            (name, key): block.decomposition_cost(key)
+            for name, block in blocks.items()
+            for key in block.factor_shapes()
+        }
+        self.owners = greedy_assignment(self.costs, world_size)
+
+    def owner(self, unit: Unit) -> int:
+        return self.owners[unit]
+
+    def share(self, dist: DataParallelDistribution, owned, factors: Factors) -> Decompositions:
+        """Broadcast every owner's decompositions. Every rank, the owner included, reads them
+        back from the broadcast buffers: identical memory gives bitwise identical results."""
+        units = _units(factors)
+        pending = []
+        for src in range(dist.world_size):
+            from_src = [unit for unit in units if self.owner(unit) == src]
+            if not from_src:
+                continue
+            like = factors[from_src[0][0]][from_src[0][1]]
+            if src == dist.rank:
+                buffer = torch.cat([dist.flatten(u, owned[u], like) for u in from_src])
+            else:
+                buffer = like.new_zeros(sum(dist.wire_size(u) for u in from_src))
+            pending.append((from_src, buffer, dist.collectives.broadcast(buffer, src)))
+        received: dict[Unit, Decomposition | None] = {}
+        for from_src, buffer, work in pending:
+            work.wait()
+            offset = 0
+            for unit in from_src:
+                received[unit], offset = dist.read(unit, buffer, offset)
+        return {
+            name: {key: received[(name, key)] for key in pair} for name, pair in factors.items()
+        }
 
     def precondition(
-        self, grads: Mapping[str, Tensor], apply: Callable[[str, Tensor], Tensor]
+        self, dist: DataParallelDistribution, grads: Mapping[str, Tensor], apply: Apply
     ) -> dict[str, Tensor]:
-        """The preconditioned gradient of every block in ``grads``."""
-        return {name: apply(name, grad) for name, grad in grads.items()}
+        return apply(grads)
 
 
-PRECONDITION_MODES = ("shared", "owner")
+class OwnerPreconditioning:
+    """All of a block's decompositions are computed and kept by one rank (greedy by cost),
+    which preconditions that block and broadcasts its gradient. Memory-optimised."""
+
+    def assign(self, blocks: Mapping[str, CurvatureBlock], world_size: int) -> None:
+        self.costs = {
+            name: sum(block.decomposition_cost(key) for key in block.factor_shapes())
+            for name, block in blocks.items()
+        }
+        self.owners = greedy_assignment(self.costs, world_size)
+
+    def owner(self, unit: Unit) -> int:
+        return self.owners[unit[0]]
+
+    def share(self, dist: DataParallelDistribution, owned, factors: Factors) -> Decompositions:
+        return {
+            name: {key: owned[(name, key)] for key in pair}
+            for name, pair in factors.items()
+            if self.owners[name] == dist.rank
+        }
+
+    def precondition(
+        self, dist: DataParallelDistribution, grads: Mapping[str, Tensor], apply: Apply
+    ) -> dict[str, Tensor]:
+        """Owners precondition their blocks and broadcast them; every rank, the owner
+        included, reads the results from the broadcast buffers (identical memory for the
+        reductions that follow, such as the KL clip)."""
+        result: dict[str, Tensor] = {}
+        pending = []
+        for src in range(dist.world_size):
+            owned = [name for name in grads if self.owners[name] == src]
+            if not owned:
+                continue
+            if src == dist.rank:
+                mine = apply({name: grads[name] for name in owned})
+                buffer = torch.cat([mine[name].reshape(-1) for name in owned]).contiguous()
+            else:
+                buffer = grads[owned[0]].new_empty(sum(grads[name].numel() for name in owned))
+            pending.append((owned, buffer, dist.collectives.broadcast(buffer, src)))
+        for owned, buffer, work in pending:
+            work.wait()
+            offset = 0
+            for name in owned:
+                count = grads[name].numel()
+                result[name] = buffer[offset : offset + count].reshape(grads[name].shape)
+                offset += count
+        return {name: result[name] for name in grads}
 
 
-class DataParallelDistribution(LocalDistribution):
+# -- data parallel: when factors are reduced ------------------------------------------------
+
+
+class LazyReduction:
+    """Every rank keeps running averages of its own factors; they are averaged over ranks
+    only on decomposition steps (exact, as the running average is linear), bucket by
+    bucket, each rank decomposing what it owns while later buckets travel."""
+
+    def combine_batch(self, dist, batch, names, head) -> Factors:
+        work = dist.collectives.all_reduce(head)
+        work.wait()
+        return {}
+
+    def reduce(self, dist: DataParallelDistribution, running) -> Factors:
+        units = _units(running)
+        tensors = [running[name][key] for name, key in units]
+        reduced = dist.all_reduce(tensors)
+        out: Factors = {}
+        for (name, key), tensor in zip(units, reduced):
+            out.setdefault(name, {})[key] = tensor / dist.world_size
+        return out
+
+    def refresh(self, dist: DataParallelDistribution, running, decompose: Decompose):
+        units = _units(running)
+        tensors = [running[name][key] for name, key in units]
+        factors: Factors = {name: {} for name in running}
+        owned: dict[Unit, object] = {}
+        for _, items in dist.all_reduce_buckets(tensors):
+            mine = []
+            for index, tensor in items:
+                name, key = units[index]
+                factors[name][key] = tensor / dist.world_size
+                if dist.assignment.owner(units[index]) == dist.rank:
+                    mine.append((units[index], factors[name][key]))
+            if mine:
+                owned.update(decompose(mine))
+        return factors, dist.assignment.share(dist, owned, factors)
+
+
+class EagerReduction:
+    """The batch factors are averaged over ranks on every factor update (one collective),
+    so every rank's running averages are already global."""
+
+    def combine_batch(self, dist, batch, names, head) -> Factors:
+        tensors = []
+        for name in names:
+            shapes = dist.blocks[name].factor_shapes()
+            for key, shape in shapes.items():
+                if name in batch:
+                    tensors.append(batch[name].factors[key] * batch[name].examples)
+                else:
+                    tensors.append(head.new_zeros(shape))
+        reduced = dist.all_reduce(tensors, head)
+        out: Factors = {}
+        index = 0
+        for name in names:
+            out[name] = {}
+            for key in dist.blocks[name].factor_shapes():
+                out[name][key] = reduced[index]
+                index += 1
+        return out
+
+    def reduce(self, dist: DataParallelDistribution, running) -> Factors:
+        return snapshot(running)
+
+    def refresh(self, dist: DataParallelDistribution, running, decompose: Decompose):
+        factors = self.reduce(dist, running)
+        owned = dist.decompose_owned(factors, decompose)
+        return factors, dist.assignment.share(dist, owned, factors)
+
+
+class DataParallelDistribution:
     """Data parallel over a process group (reference, section 2; D-KFAC).
 
-    Every rank keeps running averages of its own factors. By default they are averaged over
-    ranks only on decomposition steps (exact, since the running average is linear); with
-    ``reduce_every_update`` the batch factors are reduced on every factor update instead.
-    Each factor's eigendecomposition is computed by exactly one rank, chosen by a
-    deterministic greedy load balancer (cost ``groups * d**3``), and then either shared with
-    every rank (``precondition_mode="shared"``, communication-optimised) or kept by its owner,
-    which preconditions its layers and broadcasts their gradients (``"owner"``,
-    memory-optimised: decompositions live on one rank only).
+    Each factor's decomposition is computed by exactly one rank, chosen by a deterministic
+    greedy load balancer on the blocks' cost estimates; ``options`` choose the reduction
+    and sharing policies (see the module docstring).
 
     Args:
         collectives: the process group wrapper (default: the default group).
-        reduce_every_update: reduce factors on every factor update, not only before
-            decompositions.
-        pack_triangular: send only the upper triangle of each symmetric factor.
-        precondition_mode: ``"shared"`` or ``"owner"``.
-        bucket_cap_mb: the largest buffer handed to one collective, in MiB.
+        options: the validated data-parallel options.
     """
 
     def __init__(
-        self,
-        collectives: Collectives | None = None,
-        *,
-        reduce_every_update: bool = False,
-        pack_triangular: bool = True,
-        precondition_mode: str = "shared",
-        bucket_cap_mb: float = 25.0,
+        self, collectives: Collectives | None = None, options: DataParallelOptions | None = None
     ) -> None:
-        if precondition_mode not in PRECONDITION_MODES:
-            raise ValueError(
-                f"precondition_mode must be one of {PRECONDITION_MODES}, got {precondition_mode!r}"
-            )
-        if not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be a positive number, got {bucket_cap_mb}")
         self.collectives = collectives or Collectives()
-        self.reduce_every_update = reduce_every_update
-        self.pack_triangular = pack_triangular
-        self.precondition_mode = precondition_mode
-        self.bucket_cap_bytes = int(bucket_cap_mb * 2**20)
-        self.owners: dict = {}
+        self.options = options or DataParallelOptions()
+        self.reduction = EagerReduction() if self.options.reduce_every_update else LazyReduction()
+        self.assignment = (
+            OwnerPreconditioning()
+            if self.options.precondition_mode == "owner"
+            else SharedDecompositions()
+        )
+        self.bucket_cap_bytes = int(self.options.bucket_cap_mb * 2**20)
 
     @property
     def world_size(self) -> int:
@@ -144,65 +319,142 @@ class DataParallelDistribution(LocalDistribution):
     def rank(self) -> int:
         return self.collectives.rank
 
-    # -- set-up ----------------------------------------------------------------------------
-
-    def setup(self, blocks: Mapping[str, LayerBlock], dtype: torch.dtype) -> None:
-        """Check every rank registered the same layers, then assign the decompositions.
+    def setup(self, blocks: Mapping[str, CurvatureBlock], dtype: torch.dtype) -> None:
+        """Check every rank registered the same blocks, then assign the decompositions.
 
         Raises:
-            RuntimeError: on every rank alike, naming the layers that differ.
+            RuntimeError: on every rank alike, naming the blocks that differ.
         """
-        signature = [(name, b.factor_shapes()) for name, b in blocks.items()]
+        signature = [
+            (name, type(block).__name__, sorted(block.factor_shapes().items()))
+            for name, block in blocks.items()
+        ]
         everyone = self.collectives.all_gather_object(signature)
         if any(other != everyone[0] for other in everyone):
-            mine = set(map(repr, signature))
-            differing = sorted(
-                {entry for other in everyone for entry in map(repr, other)}
-                - set.intersection(*(set(map(repr, other)) for other in everyone))
-            )
+            common = set.intersection(*(set(map(repr, other)) for other in everyone))
+            differing = sorted({e for other in everyone for e in map(repr, other)} - common)
             raise RuntimeError(
-                "K-FAC: ranks registered different layers (name, factor shapes); every rank "
-                f"must run the same model. Entries not on every rank: {differing}. "
-                f"This is rank {self.rank} with {len(mine)} layers."
+                "K-FAC: ranks registered different layers (name, kind, factor shapes); every "
+                f"rank must run the same model. Entries not on every rank: {differing}. "
+                f"This is rank {self.rank} with {len(signature)} layers."
             )
-        self.names = list(blocks)
+        self.blocks = dict(blocks)
         self.dtype = dtype
-        self.device = next(iter(blocks.values())).module.weight.device if blocks else None
-        self.shapes = {name: b.factor_shapes() for name, b in blocks.items()}
+        first = next(iter(blocks.values()), None)
+        self.device = first.parameters()[0].device if first is not None else None
+        self.assignment.assign(self.blocks, self.world_size)
 
-        def cost(shape) -> float:
-            return float(shape[0]) * shape[1] ** 3
+    # -- the protocol ----------------------------------------------------------------------
 
-        if self.precondition_mode == "shared":
-            costs = {(n, k): cost(s) for n, pair in self.shapes.items() for k, s in zip("AG", pair)}
-        else:
-            costs = {n: cost(a) + cost(g) for n, (a, g) in self.shapes.items()}
-        self.costs = costs
-        self.owners = greedy_assignment(costs, self.world_size)
+    def combine_batch(
+        self, batch: Mapping[str, CapturedFactors], names: Sequence[str]
+    ) -> Factors | None:
+        """Agree with every rank on this factor batch (one collective).
 
-    def _owner(self, name: str, kind: str) -> int:
-        return (
-            self.owners[(name, kind)] if self.precondition_mode == "shared" else self.owners[name]
+        A batch with a non-finite factor on any rank is skipped on every rank; a block
+        enters only if it fired on every rank; ranks are weighted by their local N.
+        """
+        head = torch.tensor(
+            [0.0 if all_finite(batch) else 1.0]
+            + [1.0 if name in batch else 0.0 for name in names]
+            + [float(batch[name].examples) if name in batch else 0.0 for name in names],
+            dtype=self.dtype,
+            device=self.device,
         )
+        reduced = self.reduction.combine_batch(self, batch, names, head)
+        flags = head.tolist()
+        if flags[0] > 0:
+            return None
+        fired, examples = flags[1 : 1 + len(names)], flags[1 + len(names) :]
+        out: Factors = {}
+        for i, name in enumerate(names):
+            if fired[i] < self.world_size:
+                continue
+            if name in reduced:
+                out[name] = {key: t / examples[i] for key, t in reduced[name].items()}
+            else:
+                weight = self.world_size * batch[name].examples / examples[i]
+                factors = batch[name].factors
+                out[name] = (
+                    factors if weight == 1.0 else {k: t * weight for k, t in factors.items()}
+                )
+        return out
 
-    # -- factors ---------------------------------------------------------------------------
+    def reduce(self, running: Mapping[str, Mapping[str, Tensor]]) -> Factors:
+        """The mean over ranks of the running factors (a collective: every rank calls it).
 
-    def _all_reduce_buckets(
+        Also what a checkpoint saves: every rank restarting from this mean continues exactly
+        as the uninterrupted run.
+        """
+        return self.reduction.reduce(self, running)
+
+    def decompose_owned(self, factors: Factors, decompose: Decompose) -> dict[Unit, object]:
+        mine = [
+            (unit, factors[unit[0]][unit[1]])
+            for unit in _units(factors)
+            if self.assignment.owner(unit) == self.rank
+        ]
+        return decompose(mine) if mine else {}
+
+    def share(self, owned: dict[Unit, object], factors: Factors) -> Decompositions:
+        return self.assignment.share(self, owned, factors)
+
+    def refresh(
+        self, running: Mapping[str, Mapping[str, Tensor]], decompose: Decompose
+    ) -> tuple[Factors, Decompositions]:
+        return self.reduction.refresh(self, running, decompose)
+
+    def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
+        return self.assignment.precondition(self, grads, apply)
+
+    # -- wire format -----------------------------------------------------------------------
+
+    def wire_size(self, unit: Unit) -> int:
+        """Elements of one decomposition on the wire: a success flag and its tensors."""
+        shapes = self.blocks[unit[0]].decomposition_shapes(unit[1])
+        return 1 + sum(torch.Size(shape).numel() for shape in shapes)
+
+    def flatten(self, unit: Unit, decomposition, like: Tensor) -> Tensor:
+        """``[ok, *tensors]`` of one decomposition, flat (zeros if it failed)."""
+        if decomposition is None:
+            return like.new_zeros(self.wire_size(unit))
+        parts = [like.new_ones(1)] + [t.reshape(-1).to(like) for t in decomposition.tensors()]
+        return torch.cat(parts)
+
+    def read(self, unit: Unit, buffer: Tensor, offset: int):
+        """The decomposition at ``offset`` of ``buffer`` (None if it failed), next offset."""
+        block = self.blocks[unit[0]]
+        ok = buffer[offset] > 0
+        offset += 1
+        tensors = []
+        for shape in block.decomposition_shapes(unit[1]):
+            count = torch.Size(shape).numel()
+            tensors.append(buffer[offset : offset + count].reshape(shape))
+            offset += count
+        return (block.rebuild(unit[1], tensors) if ok else None), offset
+
+    # -- bucketed all-reduce ---------------------------------------------------------------
+
+    def all_reduce_buckets(
         self, tensors: list[Tensor], head: Tensor | None = None
     ) -> Iterator[tuple[Tensor | None, list[tuple[int, Tensor]]]]:
-        """Sum ``tensors`` (symmetric matrices) over ranks, bucketed and asynchronous.
+        """Sum ``tensors`` over ranks, bucketed and asynchronous.
 
         Every bucket is in flight before the first is waited for; yields, bucket by bucket
         as each completes, the reduced ``head`` (a small vector riding in the first bucket,
-        else None) and ``(index, reduced tensor)`` pairs, so the caller can work on one
-        bucket while the next is still travelling.
+        written back in place, else None) and ``(index, reduced tensor)`` pairs. Square
+        matrices travel as their upper triangle when ``pack_triangular`` is on.
         """
-        symmetric = self.pack_triangular
-        sizes = [packed_size(t.shape, symmetric) * t.element_size() for t in tensors]
+        symmetric = self.options.pack_triangular
+
+        def packable(t: Tensor) -> bool:
+            return symmetric and t.dim() >= 2 and t.shape[-1] == t.shape[-2]
+
+        sizes = [packed_size(t.shape, packable(t)) * t.element_size() for t in tensors]
         groups = buckets(sizes, self.bucket_cap_bytes) if tensors else [[]]
         pending = []
         for index, bucket in enumerate(groups):
-            parts = [pack([tensors[i] for i in bucket], symmetric)] if bucket else []
+            parts = [pack([tensors[i]], packable(tensors[i])) for i in bucket]
             if index == 0 and head is not None:
                 parts.insert(0, head)
             if not parts:
@@ -214,202 +466,23 @@ class DataParallelDistribution(LocalDistribution):
             head_out = None
             if index == 0 and head is not None:
                 head_out, buffer = buffer[: head.numel()], buffer[head.numel() :]
-            shapes = [tensors[i].shape for i in bucket]
-            yield head_out, list(zip(bucket, unpack(buffer, shapes, symmetric)))
+                head.copy_(head_out)
+            items = []
+            offset = 0
+            for i in bucket:
+                count = packed_size(tensors[i].shape, packable(tensors[i]))
+                [tensor] = unpack(
+                    buffer[offset : offset + count], [tensors[i].shape], packable(tensors[i])
+                )
+                items.append((i, tensor))
+                offset += count
+            yield head_out, items
 
-    def _all_reduce(self, tensors: list[Tensor], head: Tensor | None = None):
-        """``_all_reduce_buckets`` gathered: the reduced head and tensors, in order."""
-        reduced: list[Tensor | None] = [None] * len(tensors)
-        head_out = None
-        for bucket_head, items in self._all_reduce_buckets(tensors, head):
-            head_out = bucket_head if bucket_head is not None else head_out
+    def all_reduce(self, tensors: list[Tensor], head: Tensor | None = None) -> list[Tensor]:
+        """``all_reduce_buckets`` gathered: the reduced tensors in order (``head`` reduced
+        in place)."""
+        reduced: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+        for _, items in self.all_reduce_buckets(tensors, head):
             for index, tensor in items:
                 reduced[index] = tensor
-        return head_out, reduced
-
-    def combine_batch(self, batch: Mapping[str, BatchFactors]) -> FactorPairs | None:
-        """Agree with every rank on this factor batch (one collective).
-
-        A batch with a non-finite factor on any rank is skipped on every rank; a block
-        enters only if it fired on every rank; ranks are weighted by their local batch size.
-        """
-        names = self.names
-        head = torch.tensor(
-            [0.0 if all_finite(batch) else 1.0]
-            + [1.0 if name in batch else 0.0 for name in names]
-            + [float(batch[name].examples) if name in batch else 0.0 for name in names],
-            dtype=self.dtype,
-            device=self.device,
-        )
-        if self.reduce_every_update:
-            tensors = []
-            for name in names:
-                shape_a, shape_g = self.shapes[name]
-                if name in batch:
-                    n = batch[name].examples
-                    tensors += [batch[name].A * n, batch[name].G * n]
-                else:
-                    tensors += [head.new_zeros(shape_a), head.new_zeros(shape_g)]
-            head, reduced = self._all_reduce(tensors, head)
-        else:
-            work = self.collectives.all_reduce(head)
-            work.wait()
-        head = head.tolist()
-        if head[0] > 0:
-            return None
-        count = len(names)
-        fired, examples = head[1 : 1 + count], head[1 + count :]
-        out = {}
-        for i, name in enumerate(names):
-            if fired[i] < self.world_size:
-                continue
-            if self.reduce_every_update:
-                out[name] = (reduced[2 * i] / examples[i], reduced[2 * i + 1] / examples[i])
-            else:
-                weight = self.world_size * batch[name].examples / examples[i]
-                A, G = batch[name].A, batch[name].G
-                out[name] = (A * weight, G * weight) if weight != 1.0 else (A, G)
-        return out
-
-    def reduce(self, factors: Mapping[str, KroneckerFactors]) -> FactorPairs:
-        """The mean over ranks of the running factors (a collective: every rank calls it).
-
-        Also what a checkpoint saves: the running average is linear, so every rank
-        restarting from this mean continues exactly as the uninterrupted run.
-        """
-        if self.reduce_every_update:
-            return super().reduce(factors)
-        ready = [name for name in self.names if factors[name].ready]
-        tensors = [t for name in ready for t in (factors[name].A, factors[name].G)]
-        _, reduced = self._all_reduce(tensors)
-        return {
-            name: (reduced[2 * i] / self.world_size, reduced[2 * i + 1] / self.world_size)
-            for i, name in enumerate(ready)
-        }
-
-    def _units(self, pairs: FactorPairs) -> list[tuple[str, str]]:
-        return [(name, kind) for name in self.names if name in pairs for kind in "AG"]
-
-    def decompose_owned(
-        self, pairs: FactorPairs, decompose: Callable[[Tensor], Eigen | None]
-    ) -> OwnedEigens:
-        """Decompose the factors this rank owns. Local work only: safe in a background thread."""
-        return {
-            (name, kind): decompose(pairs[name][0 if kind == "A" else 1])
-            for name, kind in self._units(pairs)
-            if self._owner(name, kind) == self.rank
-        }
-
-    def refresh(
-        self,
-        factors: Mapping[str, KroneckerFactors],
-        decompose: Callable[[Tensor], Eigen | None],
-    ) -> tuple[FactorPairs, EigenPairs]:
-        """Reduce the running factors over ranks and decompose each on its owner.
-
-        Lazily reduced factors arrive bucket by bucket; this rank decomposes the factors it
-        owns in each bucket while later buckets are still in flight. The decompositions are
-        then shared (``share``).
-        """
-        if self.reduce_every_update:
-            return super().refresh(factors, decompose)
-        ready = [name for name in self.names if factors[name].ready]
-        units = [(name, kind) for name in ready for kind in "AG"]
-        tensors = [factors[name].A if kind == "A" else factors[name].G for name, kind in units]
-        reduced: dict[tuple[str, str], Tensor] = {}
-        owned: OwnedEigens = {}
-        for _, items in self._all_reduce_buckets(tensors):
-            for index, tensor in items:
-                unit = units[index]
-                reduced[unit] = tensor / self.world_size
-                if self._owner(*unit) == self.rank:
-                    owned[unit] = decompose(reduced[unit])
-        pairs = {name: (reduced[(name, "A")], reduced[(name, "G")]) for name in ready}
-        return pairs, self.share(owned, pairs)
-
-    def share(self, owned: OwnedEigens, pairs: FactorPairs) -> EigenPairs:
-        """The decompositions this rank keeps: its own (owner mode) or, after the owners'
-        broadcasts, everyone's (shared mode, a collective).
-
-        In shared mode every rank, the owner included, reads the decompositions back from
-        the broadcast buffers: identical memory layouts give bitwise identical
-        preconditioning on every rank.
-        """
-        if self.precondition_mode == "owner":
-            return {
-                name: (owned[(name, "A")], owned[(name, "G")])
-                for name in pairs
-                if self.owners[name] == self.rank
-            }
-        units = self._units(pairs)
-        received: OwnedEigens = {}
-        pending = []
-        for src in range(self.world_size):
-            from_src = [u for u in units if self._owner(*u) == src]
-            if not from_src:
-                continue
-            shapes = [self.shapes[name][0 if kind == "A" else 1] for name, kind in from_src]
-            like = pairs[from_src[0][0]][0]
-            if src == self.rank:
-                parts = [_flatten_eigen(owned[u], s, like) for u, s in zip(from_src, shapes)]
-                buffer = torch.cat(parts)
-            else:
-                size = sum(1 + s[0] * s[1] + s[0] * s[1] * s[2] for s in shapes)
-                buffer = like.new_zeros(size)
-            pending.append((from_src, shapes, buffer, self.collectives.broadcast(buffer, src)))
-        for from_src, shapes, buffer, work in pending:
-            work.wait()
-            offset = 0
-            for unit, shape in zip(from_src, shapes):
-                received[unit], offset = _read_eigen(buffer, offset, shape)
-        return {name: (received[(name, "A")], received[(name, "G")]) for name in pairs}
-
-    def precondition(
-        self, grads: Mapping[str, Tensor], apply: Callable[[str, Tensor], Tensor]
-    ) -> dict[str, Tensor]:
-        """Shared mode: local. Owner mode: owners precondition and broadcast their layers."""
-        if self.precondition_mode == "shared":
-            return super().precondition(grads, apply)
-        result: dict[str, Tensor] = {}
-        pending = []
-        for src in range(self.world_size):
-            owned = [name for name in self.names if name in grads and self.owners[name] == src]
-            if not owned:
-                continue
-            if src == self.rank:
-                for name in owned:
-                    result[name] = apply(name, grads[name])
-                buffer = torch.cat([result[name].reshape(-1) for name in owned]).contiguous()
-            else:
-                buffer = grads[owned[0]].new_empty(sum(grads[name].numel() for name in owned))
-            pending.append((src, owned, buffer, self.collectives.broadcast(buffer, src)))
-        # Every rank, the owner included, reads the gradients from the broadcast buffers, so
-        # that later reductions over them (the KL clip) see identical memory on every rank.
-        for _, owned, buffer, work in pending:
-            work.wait()
-            offset = 0
-            for name in owned:
-                count = grads[name].numel()
-                result[name] = buffer[offset : offset + count].reshape(grads[name].shape)
-                offset += count
-        return {name: result[name] for name in grads}  # the same order on every rank
-
-
-def _flatten_eigen(eigen: Eigen | None, shape, reference: Tensor) -> Tensor:
-    """``[ok, values, vectors]`` of one decomposition as a flat buffer (zeros if it failed)."""
-    groups, d, _ = shape
-    if eigen is None:
-        return reference.new_zeros(1 + groups * d + groups * d * d)
-    ok = reference.new_ones(1)
-    return torch.cat([ok, eigen.values.reshape(-1), eigen.vectors.reshape(-1)])
-
-
-def _read_eigen(buffer: Tensor, offset: int, shape) -> tuple[Eigen | None, int]:
-    groups, d, _ = shape
-    ok = buffer[offset] > 0
-    offset += 1
-    values = buffer[offset : offset + groups * d].reshape(groups, d)
-    offset += groups * d
-    vectors = buffer[offset : offset + groups * d * d].reshape(groups, d, d)
-    offset += groups * d * d
-    return (Eigen(vectors=vectors, values=values) if ok else None), offset
+        return reduced

@@ -1,18 +1,18 @@
 """The K-FAC step: running factors, decompositions and preconditioned gradients.
 
-``KFACEngine`` is plain PyTorch: it owns the blocks' factor capture, their running averages
-and decompositions, and turns the gradients in ``.grad`` into preconditioned ones in place.
-The Lightning callback only tells it when a batch starts and when the optimizer is about to
-step.
+``KFACEngine`` is plain PyTorch. It owns the blocks' statistics capture, their typed state
+(``BlockState``) and the order of work in a step, and turns the gradients in ``.grad`` into
+preconditioned ones in place. What a factor is, how it is decomposed and applied belongs to
+the blocks; how work is shared between processes belongs to the distribution. Blocks whose
+factors share a shape are decomposed and preconditioned in one batched call.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,16 +20,20 @@ import torch
 from torch import Tensor
 
 from lightning_kfac.background import BackgroundDecomposer
-from lightning_kfac.blocks import LayerBlock
-from lightning_kfac.capture import FactorCapture, LossScale
-from lightning_kfac.decomposition import Eigen, symmetric_eigen
-from lightning_kfac.distribution import EigenPairs, FactorPairs, LocalDistribution
-from lightning_kfac.factors import KroneckerFactors, update_running
+from lightning_kfac.capture import FactorCapture, LossScale, LossTerms
+from lightning_kfac.curvature import CurvatureBlock, Operator
+from lightning_kfac.decomposition import Decomposition
+from lightning_kfac.distribution import Distribution, LocalDistribution, Unit
+from lightning_kfac.factors import update_running
 from lightning_kfac.options import KFACOptions
-from lightning_kfac.preconditioning import (
-    damped_inverse_eigenvalues,
-    kl_clip_scale,
-    rotate_and_scale,
+from lightning_kfac.preconditioning import kl_clip_scale
+from lightning_kfac.state import (
+    FORMAT,
+    BlockState,
+    Decompositions,
+    Factors,
+    PendingDecomposition,
+    upgrade,
 )
 
 
@@ -43,21 +47,8 @@ class StepStats:
     step: int
     damping: float
     kl_scale: Tensor | None = None
-    factors_updated: bool = False
-    decomposed: bool = False
     factor_seconds: float = 0.0
     decomposition_seconds: float = 0.0
-
-
-@dataclass
-class PendingDecomposition:
-    """Decompositions started in the background at ``origin_step`` from ``factors`` (the
-    global factors of that step), installed at ``install_step``."""
-
-    origin_step: int
-    install_step: int
-    factors: FactorPairs
-    future: Future | None = None
 
 
 @dataclass
@@ -71,7 +62,7 @@ class Counters:
 
 
 class KFACEngine:
-    """K-FAC for a fixed set of layer blocks.
+    """K-FAC for a fixed set of curvature blocks.
 
     Args:
         blocks: ``{module name: block}``.
@@ -82,37 +73,61 @@ class KFACEngine:
 
     def __init__(
         self,
-        blocks: Mapping[str, LayerBlock],
+        blocks: Mapping[str, CurvatureBlock],
         options: KFACOptions,
-        distribution: Any = None,
+        distribution: Distribution | None = None,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.blocks = dict(blocks)
         self.options = options
-        self.distribution = distribution or LocalDistribution()
+        self.distribution: Distribution = distribution or LocalDistribution()
         self.warn = warn or (lambda message: warnings.warn(message, stacklevel=2))
+        some = next(iter(self.blocks.values()), None)
+        #: The factor dtype (``options.factor_dtype``, or following the parameters; fixed at
+        #: ``attach``, after Lightning has converted the model's precision).
+        self.dtype = options.dtype_for(some.parameters()[0].dtype if some else torch.float32)
         self.capture = FactorCapture(
-            self.blocks, loss_reduction=options.loss_reduction, dtype=options.dtype
+            self.blocks,
+            loss_reduction=options.loss_reduction,
+            dtype=self.dtype,
+            loss_terms="examples" if callable(options.loss_terms) else options.loss_terms,
         )
-        self.running = {name: KroneckerFactors() for name in self.blocks}
-        self.reduced: FactorPairs = {}
-        self.eigens: EigenPairs = {}
-        #: ``{name: (damping, 1 / damped eigenvalue products)}``, reused while both hold.
-        self._inverse_eigenvalues: dict[str, tuple[float, Tensor]] = {}
-        self.steps = 0
+        self.state = {name: BlockState() for name in self.blocks}
+        #: Steps taken by each optimizer, by its index (a GAN's generator and discriminator
+        #: each count their own).
+        self.optimizer_steps: dict[int, int] = {}
         self.counters = Counters()
-        self._reported_silent = False
-        self._restored_decompositions = False
         #: Step whose factors the installed decompositions were computed from.
         self.decomposed_at: int | None = None
-        self.pending: PendingDecomposition | None = None
+        #: Background decompositions in flight, by optimizer index.
+        self.pending_by_optimizer: dict[int, PendingDecomposition] = {}
         self.background = BackgroundDecomposer()
-        self.distribution.setup(self.blocks, options.dtype)
+        self._reported_silent = False
+        self._restored_decompositions = False
+        self._operators: dict[Hashable, tuple[float, Operator]] = {}
+        self._is_set_up = False
+
+    @property
+    def pending(self) -> PendingDecomposition | None:
+        """The first optimizer's background decomposition in flight, if any."""
+        return self.pending_by_optimizer.get(0)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (the most of any optimizer)."""
+        return max(self.optimizer_steps.values(), default=0)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def attach(self) -> None:
-        """Install the hooks."""
+        """Set up the distribution (a collective, once) and install the hooks."""
+        if not self._is_set_up:
+            some = next(iter(self.blocks.values()), None)
+            if some is not None:
+                self.dtype = self.options.dtype_for(some.parameters()[0].dtype)
+                self.capture.dtype = self.dtype
+            self.distribution.setup(self.blocks, self.dtype)
+            self._is_set_up = True
         self.capture.attach()
 
     def detach(self) -> None:
@@ -125,68 +140,92 @@ class KFACEngine:
         input factors and restarted by the next step, so training can go on afterwards."""
         self.detach()
         self.background.close()
-        if self.pending is not None:
-            self.pending.future = None
+        for pending in self.pending_by_optimizer.values():
+            pending.future = None
 
-    def start_microbatch(self, loss_scale: LossScale = 1.0) -> None:
-        """Called before each forward pass of training: arms the hooks on factor steps."""
+    def start_microbatch(
+        self,
+        loss_scale: LossScale = 1.0,
+        examples: int | None = None,
+        loss_terms: LossTerms | None = None,
+    ) -> None:
+        """Called before each training forward pass: arms the hooks on factor steps.
+
+        Args:
+            loss_scale: what the loss is multiplied by before backward.
+            examples: N of this micro-batch (see ``FactorCapture.start_microbatch``).
+            loss_terms: K of this micro-batch, overriding the ``loss_terms`` option.
+        """
         if self.options.is_factor_step(self.steps):
-            self.capture.start_microbatch(loss_scale)
+            self.capture.start_microbatch(loss_scale, examples, loss_terms)
         else:
             self.capture.stop()
 
+    def begin_backward(self) -> None:
+        """Called before each backward pass (see ``FactorCapture.begin_backward``)."""
+        self.capture.begin_backward()
+
+    def end_backward(self) -> None:
+        """Called after each backward pass (see ``FactorCapture.end_backward``)."""
+        self.capture.end_backward()
+
     # -- the step --------------------------------------------------------------------------
 
-    def step(self, param_groups: Iterable[Mapping[str, Any]]) -> StepStats:
-        """Precondition the gradients of the registered layers, in place.
+    def step(self, param_groups: Iterable[Mapping[str, Any]], optimizer: int = 0) -> StepStats:
+        """Precondition the gradients of the registered blocks this optimizer holds.
 
         Call after backward (and after AMP unscaling), before the optimizer steps.
 
         Args:
-            param_groups: the optimizer's param groups; each layer's learning rate (for the
-                KL clip) is that of the group holding its weight, and layers whose weight is
-                in no group are left alone.
+            param_groups: the optimizer's param groups; each block's learning rate (for the
+                KL clip) is that of the group holding its first parameter, and blocks in no
+                group are left alone (a layer unfrozen later joins when its group is added).
+            optimizer: the optimizer's index; each optimizer counts its own steps, updates
+                the factors of its own blocks and decomposes them.
         """
         param_groups = list(param_groups)
-        step = self.steps
+        rates = {id(p): group["lr"] for group in param_groups for p in group["params"]}
+        names = tuple(n for n, b in self.blocks.items() if id(b.parameters()[0]) in rates)
+        step = self.optimizer_steps.get(optimizer, 0)
         stats = StepStats(step=step, damping=self.options.damping_at(step))
-        self.capture.stop()
         if self.options.is_factor_step(step):
             start = time.perf_counter()
             hook_seconds = self.capture.seconds
-            stats.factors_updated = self._update_factors(self.options.factor_decay_at(step))
+            self._update_factors(names, self.options.factor_decay_at(step))
             stats.factor_seconds = hook_seconds + time.perf_counter() - start
         start = time.perf_counter()
-        stats.decomposed = self._update_decompositions(step, stats.damping)
+        self._update_decompositions(names, optimizer, step, stats.damping)
         stats.decomposition_seconds = time.perf_counter() - start
-        stats.kl_scale = self._precondition(param_groups, stats.damping, step)
+        learning_rates = {n: rates[id(self.blocks[n].parameters()[0])] for n in names}
+        stats.kl_scale = self._precondition(learning_rates, stats.damping, step)
         self._apply_momentum(param_groups, step)
-        self.steps += 1
+        self.optimizer_steps[optimizer] = step + 1
         return stats
 
-    def _update_factors(self, decay: float) -> bool:
-        batch = self.capture.pop()
-        self._report_silent(batch)
-        update = self.distribution.combine_batch(batch)
+    def _update_factors(self, names: tuple[str, ...], decay: float) -> None:
+        batch = self.capture.pop(names)
+        self._report_silent(batch, names)
+        update = self.distribution.combine_batch(batch, names)
         if update is None:
             self.counters.skipped_batches += 1
-            return False
-        update_running(((self.running[n], A, G) for n, (A, G) in update.items()), decay)
-        return True
+            return
+        update_running(((self.state[n].running, f) for n, f in update.items()), decay)
 
-    def _report_silent(self, batch: Mapping[str, Any]) -> None:
+    def _report_silent(self, batch: Mapping[str, Any], names: tuple[str, ...]) -> None:
         if self._reported_silent:
             return
         self._reported_silent = True
-        silent = [name for name in self.blocks if name not in batch]
+        silent = [name for name in names if name not in batch]
         if silent:
             self.warn(
                 "K-FAC: no forward/backward pass reached these registered layers on the first "
                 f"factor step: {silent}. They keep their plain gradient until one does."
             )
 
-    def _update_decompositions(self, step: int, damping: float) -> bool:
-        """Install and start decompositions due at ``step``; True if any work was done.
+    def _update_decompositions(
+        self, names: tuple[str, ...], optimizer: int, step: int, damping: float
+    ) -> None:
+        """Install and start decompositions due at ``step`` for ``names``.
 
         In order: after a resume, decompose again the saved factors behind the interrupted
         run's decompositions; install an asynchronous decomposition due now; on an
@@ -194,111 +233,156 @@ class KFACEngine:
         very first time) or, with ``staleness`` s, in the background, to be installed at
         step + s, a step every rank knows in advance.
         """
-        worked = False
 
-        def decompose(matrix: Tensor) -> Eigen | None:
-            return self._decompose(matrix, damping)
+        def decompose(units: Sequence[tuple[Unit, Tensor]]) -> dict[Unit, Decomposition | None]:
+            return self._decompose(units, damping)
 
         if self._restored_decompositions:
             self._restored_decompositions = False
-            owned = self.distribution.decompose_owned(self.reduced, decompose)
-            self._install(self.distribution.share(owned, self.reduced), self.decomposed_at)
-            worked = True
-        if self.pending is not None and self.pending.future is None:
-            self._submit(self.pending, decompose)  # restarted after a resume or a close
-        if self.pending is not None and self.pending.install_step == step:
-            pending, self.pending = self.pending, None
+            saved = {n: s.decomposed for n, s in self.state.items() if s.decomposed}
+            owned = self.distribution.decompose_owned(saved, decompose)
+            self._install(self.distribution.share(owned, saved), saved, self.decomposed_at)
+        pending = self.pending_by_optimizer.get(optimizer)
+        if pending is not None and pending.future is None:
+            self._submit(pending, decompose)  # restarted after a resume or a close
+        if pending is not None and pending.install_step == step:
+            del self.pending_by_optimizer[optimizer]
             owned = self.background.result(pending.future)
-            self.reduced = pending.factors
-            self._install(self.distribution.share(owned, pending.factors), pending.origin_step)
-            worked = True
+            decompositions = self.distribution.share(owned, pending.factors)
+            self._install(decompositions, pending.factors, pending.origin_step)
         if self.options.is_inverse_step(step):
-            staleness = self.options.staleness
-            if staleness and self.eigens:
-                factors = self.distribution.reduce(self.running)
-                self.pending = PendingDecomposition(step, step + staleness, factors)
-                self._submit(self.pending, decompose)
+            running = {n: self.state[n].running for n in names if self.state[n].running}
+            decomposed = any(self.state[n].decompositions for n in names)
+            if self.options.staleness and decomposed:
+                factors = self.distribution.reduce(running)
+                pending = PendingDecomposition(step, step + self.options.staleness, factors)
+                self.pending_by_optimizer[optimizer] = pending
+                self._submit(pending, decompose)
             else:
-                self.reduced, eigens = self.distribution.refresh(self.running, decompose)
-                self._install(eigens, step)
-            worked = True
-        return worked
+                factors, decompositions = self.distribution.refresh(running, decompose)
+                self._install(decompositions, factors, step)
 
     def _submit(self, pending: PendingDecomposition, decompose) -> None:
-        inputs = [t for pair in pending.factors.values() for t in pair]
+        inputs = [t for pair in pending.factors.values() for t in pair.values()]
         pending.future = self.background.submit(
             lambda: self.distribution.decompose_owned(pending.factors, decompose), inputs
         )
 
-    def _install(self, eigens: EigenPairs, origin_step: int | None) -> None:
-        for name, (eigen_a, eigen_g) in eigens.items():
-            self._inverse_eigenvalues.pop(name, None)
-            old_a, old_g = self.eigens.get(name, (None, None))
-            self.eigens[name] = (eigen_a or old_a, eigen_g or old_g)
+    def _install(
+        self, decompositions: Decompositions, factors: Factors, origin_step: int | None
+    ) -> None:
+        for name, pair in factors.items():
+            state = self.state[name]
+            state.decomposed = pair
+            for key, decomposition in decompositions.get(name, {}).items():
+                if decomposition is not None:
+                    state.decompositions[key] = decomposition
+        self._operators.clear()
         self.decomposed_at = origin_step
 
-    def _decompose(self, matrix: Tensor, damping: float) -> Eigen | None:
+    def _decompose(
+        self, units: Sequence[tuple[Unit, Tensor]], damping: float
+    ) -> dict[Unit, Decomposition | None]:
+        """Decompose ``units``, one batched call per decomposition method and shape."""
         start = time.perf_counter()
-        eigen, report = symmetric_eigen(matrix, damping)
+        batches: dict[Hashable, list[tuple[Unit, Tensor]]] = defaultdict(list)
+        for unit, matrix in units:
+            method = self.blocks[unit[0]].decomposition_method(unit[1])
+            batches[(id(method), method.batch_key(matrix))].append((unit, matrix))
+        out: dict[Unit, Decomposition | None] = {}
+        for batch in batches.values():
+            method = self.blocks[batch[0][0][0]].decomposition_method(batch[0][0][1])
+            results = method.decompose([matrix for _, matrix in batch], damping)
+            for (unit, _), (decomposition, report) in zip(batch, results):
+                out[unit] = decomposition
+                if report.outcome != "ok":
+                    self.counters.decomposition_fallbacks[report.outcome] += 1
+                    self.warn(
+                        f"K-FAC: decomposing {unit[1]} of {unit[0]!r} needed a fallback "
+                        f"({report.outcome}"
+                        + (f", added {report.jitter:.3g} I" if report.jitter else "")
+                        + "); the previous decomposition is kept if it failed."
+                    )
+        self.counters.decompositions += len(units)
         self.counters.decomposition_seconds += time.perf_counter() - start
-        self.counters.decompositions += 1
-        if report.outcome != "ok":
-            self.counters.decomposition_fallbacks[report.outcome] += 1
-            self.warn(
-                f"K-FAC: an eigendecomposition needed a fallback ({report.outcome}"
-                + (f", added {report.jitter:.3g} I" if report.jitter else "")
-                + "); the previous decomposition is kept if it failed."
-            )
-        return eigen
+        return out
 
     def _precondition(
-        self, param_groups: list[Mapping[str, Any]], damping: float, step: int
+        self, learning_rates: Mapping[str, float], damping: float, step: int
     ) -> Tensor | None:
-        learning_rates = {id(p): group["lr"] for group in param_groups for p in group["params"]}
         grads = {}
-        for name, block in self.blocks.items():
-            # Layers in no param group of this optimizer, or never decomposed (the same set
-            # on every rank), keep their plain gradient and stay out of the KL-clip sum.
-            if id(block.module.weight) not in learning_rates or name not in self.reduced:
+        for name in learning_rates:
+            # Blocks never decomposed (the same set on every rank) keep their plain
+            # gradient and stay out of the KL-clip sum.
+            if not self.state[name].decomposed:
                 continue
-            grad = block.gradient()
+            grad = self.blocks[name].gradient()
             if grad is not None:
                 grads[name] = grad
-
-        def apply(name: str, grad: Tensor) -> Tensor:
-            eigen_a, eigen_g = self.eigens.get(name, (None, None))
-            if eigen_a is None or eigen_g is None:
-                return grad
-            cached = self._inverse_eigenvalues.get(name)
-            if cached is None or cached[0] != damping:
-                method = self.options.damping_method
-                cached = (damping, damped_inverse_eigenvalues(eigen_g, eigen_a, damping, method))
-                self._inverse_eigenvalues[name] = cached
-            work = grad.to(eigen_a.vectors.dtype)
-            return rotate_and_scale(work, eigen_g, eigen_a, cached[1]).to(grad.dtype)
-
-        preconditioned = self.distribution.precondition(grads, apply)
+        if not grads:
+            return None
+        preconditioned = self.distribution.precondition(
+            grads, lambda subset: self._apply(subset, damping)
+        )
         kl_clip = self.options.kl_clip_at(step)
         scale = None
-        if kl_clip is not None and preconditioned:
-            names = [name for name in self.blocks if name in preconditioned]  # fixed order
-            dots = torch.stack(
-                [torch.vdot(preconditioned[n].reshape(-1), grads[n].reshape(-1)) for n in names]
+        if kl_clip is not None:
+            scale = kl_clip_scale(
+                self._weighted_inner(preconditioned, grads, learning_rates), kl_clip
             )
-            rates = [learning_rates[id(self.blocks[n].module.weight)] ** 2 for n in names]
-            inner = (dots * dots.new_tensor(rates)).sum()
-            scale = kl_clip_scale(inner, kl_clip)
+            values = list(preconditioned.values())
+            torch._foreach_mul_(values, scale.to(values[0].dtype))
         for name, new in preconditioned.items():
-            if scale is not None:
-                new = new * scale.to(new.dtype)
             self.blocks[name].set_gradient(new)
         return scale
+
+    def _apply(self, grads: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
+        """Precondition ``grads``: blocks of one batch key through one cached operator; a
+        block missing a decomposition passes its gradient through."""
+        batches: dict[Hashable, list[str]] = defaultdict(list)
+        out: dict[str, Tensor] = {}
+        for name in grads:
+            block, state = self.blocks[name], self.state[name]
+            if set(state.decompositions) >= set(block.factor_shapes()):
+                batches[block.batch_key()].append(name)
+            else:
+                out[name] = grads[name]
+        for key, names in batches.items():
+            cache_key = (key, tuple(names))
+            cached = self._operators.get(cache_key)
+            if cached is None or cached[0] != damping:
+                blocks = [self.blocks[n] for n in names]
+                decompositions = [self.state[n].decompositions for n in names]
+                operator = type(blocks[0]).operator(
+                    blocks, decompositions, damping, self.options.damping_method
+                )
+                cached = self._operators[cache_key] = (damping, operator)
+            out.update(zip(names, cached[1]([grads[n] for n in names])))
+        return {name: out[name] for name in grads}
+
+    @staticmethod
+    def _weighted_inner(
+        preconditioned: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        learning_rates: Mapping[str, float],
+    ) -> Tensor:
+        """``sum_l lr_l**2 <V'_l, V_l>``: one inner product per distinct learning rate."""
+        by_rate: dict[float, list[str]] = defaultdict(list)
+        for name in preconditioned:
+            by_rate[learning_rates[name]].append(name)
+        total = None
+        for rate, names in by_rate.items():
+            new = torch.cat([preconditioned[n].reshape(-1) for n in names])
+            old = torch.cat([grads[n].reshape(-1).to(new.dtype) for n in names])
+            term = torch.dot(new, old) * rate**2
+            total = term if total is None else total + term
+        return total
 
     def skip_step(self) -> None:
         """Drop this step's captured factors without counting the step (e.g. when a
         GradScaler found non-finite gradients and will skip the optimizer step)."""
         self.capture.stop()
-        self.capture.pop()
+        self.capture.discard()
 
     def _apply_momentum(self, param_groups: list[Mapping[str, Any]], step: int) -> None:
         momentum = self.options.momentum_at(step)
@@ -312,29 +396,41 @@ class KFACEngine:
 
     # -- checkpoints -----------------------------------------------------------------------
 
+    def _layers(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "kind": type(block).__name__,
+                "factors": {k: list(s) for k, s in block.factor_shapes().items()},
+            }
+            for name, block in self.blocks.items()
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The engine's state: only tensors, dicts, lists and primitives (``weights_only``-safe).
 
         Under data parallelism this is a collective (the running factors are averaged over
         ranks), so every rank must call it, as Lightning's checkpointing does.
         """
-        running = self.distribution.reduce(self.running)
+        running = self.distribution.reduce(
+            {name: s.running for name, s in self.state.items() if s.running}
+        )
         return {
-            "format": 1,
+            "format": FORMAT,
             "steps": self.steps,
-            "layers": {
-                name: [list(s) for s in b.factor_shapes()] for name, b in self.blocks.items()
-            },
-            "running": {name: {"A": A, "G": G} for name, (A, G) in running.items()},
-            "decomposed": {name: {"A": A, "G": G} for name, (A, G) in self.reduced.items()},
+            "optimizer_steps": dict(self.optimizer_steps),
+            "layers": self._layers(),
+            "running": running,
+            "decomposed": {n: dict(s.decomposed) for n, s in self.state.items() if s.decomposed},
             "decomposed_at": self.decomposed_at,
-            "pending": None
-            if self.pending is None
-            else {
-                "origin_step": self.pending.origin_step,
-                "install_step": self.pending.install_step,
-                "factors": {n: {"A": A, "G": G} for n, (A, G) in self.pending.factors.items()},
-            },
+            "pending": [
+                {
+                    "optimizer": optimizer,
+                    "origin_step": p.origin_step,
+                    "install_step": p.install_step,
+                    "factors": p.factors,
+                }
+                for optimizer, p in self.pending_by_optimizer.items()
+            ],
             "skipped_batches": self.counters.skipped_batches,
             "decompositions": self.counters.decompositions,
             "decomposition_fallbacks": dict(self.counters.decomposition_fallbacks),
@@ -342,49 +438,41 @@ class KFACEngine:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()``; decompositions are recomputed at the next step from the
-        saved factors they were computed from (and a pending asynchronous decomposition is
-        restarted from its saved input factors), so a resumed run continues exactly.
+        """Restore ``state_dict()`` (this format, or format 1, upgraded); decompositions are
+        recomputed at the next step from the saved factors they were computed from (and a
+        pending asynchronous decomposition is restarted from its saved input factors), so a
+        resumed run continues exactly.
 
         Raises:
-            ValueError: if the checkpoint's layers (names or factor shapes) differ from the
-                registered ones, naming them.
+            ValueError: for an unknown format, or if the checkpoint's layers (names, kinds
+                or factor shapes) differ from the registered ones, naming them.
         """
-        saved = {name: [tuple(s) for s in shapes] for name, shapes in state["layers"].items()}
-        current = {name: [tuple(s) for s in b.factor_shapes()] for name, b in self.blocks.items()}
-        if saved != current:
-            missing = sorted(set(saved) - set(current))
-            extra = sorted(set(current) - set(saved))
-            changed = sorted(n for n in set(saved) & set(current) if saved[n] != current[n])
-            raise ValueError(
-                "K-FAC: the checkpoint's registered layers differ from the model's: "
-                f"in the checkpoint only: {missing}; in the model only: {extra}; "
-                f"factor shapes changed: {changed}. Resume with the same model and the same "
-                "include/exclude patterns, or start K-FAC afresh without its callback state."
-            )
-        device = next(iter(self.blocks.values())).module.weight.device
-        self.steps = int(state["steps"])
-        self.running = {name: KroneckerFactors() for name in self.blocks}
-        for name, pair in state["running"].items():
-            self.running[name] = KroneckerFactors(pair["A"].to(device), pair["G"].to(device))
-        self.reduced = {
-            name: (pair["A"].to(device), pair["G"].to(device))
-            for name, pair in state["decomposed"].items()
-        }
-        self.eigens = {}
-        self._restored_decompositions = bool(self.reduced)
+        state = upgrade(state)
+        self._check_layers(state["layers"])
+        some = next(iter(self.blocks.values()))
+        device = some.parameters()[0].device
+
+        def to_device(factors: Mapping[str, Mapping[str, Tensor]]) -> Factors:
+            return {n: {k: t.to(device) for k, t in pair.items()} for n, pair in factors.items()}
+
+        self.optimizer_steps = {int(k): int(n) for k, n in state["optimizer_steps"].items()}
+        self.state = {name: BlockState() for name in self.blocks}
+        for name, pair in to_device(state["running"]).items():
+            self.state[name].running = pair
+        for name, pair in to_device(state["decomposed"]).items():
+            self.state[name].decomposed = pair
+        self._restored_decompositions = bool(state["decomposed"])
+        self._operators.clear()
         self.decomposed_at = state["decomposed_at"]
         self.background.close()
-        self.pending = None
-        if state["pending"] is not None:
-            self.pending = PendingDecomposition(
-                origin_step=int(state["pending"]["origin_step"]),
-                install_step=int(state["pending"]["install_step"]),
-                factors={
-                    name: (pair["A"].to(device), pair["G"].to(device))
-                    for name, pair in state["pending"]["factors"].items()
-                },
+        self.pending_by_optimizer = {
+            int(p["optimizer"]): PendingDecomposition(
+                origin_step=int(p["origin_step"]),
+                install_step=int(p["install_step"]),
+                factors=to_device(p["factors"]),
             )
+            for p in state["pending"]
+        }
         self.counters = Counters(
             skipped_batches=int(state["skipped_batches"]),
             decompositions=int(state["decompositions"]),
@@ -392,14 +480,41 @@ class KFACEngine:
         )
         self._reported_silent = bool(state["reported_silent"])
 
+    def _check_layers(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
+        current = self._layers()
+
+        def same(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+            shapes = {k: tuple(s) for k, s in a["factors"].items()}
+            if shapes != {k: tuple(s) for k, s in b["factors"].items()}:
+                return False
+            return a["kind"] is None or b["kind"] is None or a["kind"] == b["kind"]
+
+        if set(saved) == set(current) and all(same(saved[n], current[n]) for n in saved):
+            return
+        missing = sorted(set(saved) - set(current))
+        extra = sorted(set(current) - set(saved))
+        changed = sorted(n for n in set(saved) & set(current) if not same(saved[n], current[n]))
+        raise ValueError(
+            "K-FAC: the checkpoint's registered layers differ from the model's: "
+            f"in the checkpoint only: {missing}; in the model only: {extra}; "
+            f"kind or factor shapes changed: {changed}. Resume with the same model and the "
+            "same include/exclude patterns, or start K-FAC afresh without its callback state."
+        )
+
     # -- introspection ---------------------------------------------------------------------
 
-    def factors(self) -> FactorPairs:
-        """``{name: (A, G)}``: the running averages the decompositions are computed from.
+    def factors(self) -> dict[str, tuple[Tensor, ...]]:
+        """``{name: factors}`` in the order of ``factor_shapes`` (``(A, G)`` for Kronecker
+        blocks), without the groups dimension when it is 1.
 
         On one process these are the current running averages; under data parallelism, the
         globally reduced factors as of the last decomposition step.
         """
         if self.distribution.world_size == 1:
-            return {name: (f.A, f.G) for name, f in self.running.items() if f.ready}
-        return dict(self.reduced)
+            source = {n: s.running for n, s in self.state.items() if s.running}
+        else:
+            source = {n: s.decomposed for n, s in self.state.items() if s.decomposed}
+        return {
+            name: tuple(t[0] if t.shape[0] == 1 else t for t in pair.values())
+            for name, pair in source.items()
+        }

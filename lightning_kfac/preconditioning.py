@@ -49,7 +49,9 @@ def damped_inverse_eigenvalues(
     if method == "exact":
         denominator = eigen_g.values.unsqueeze(-1) * eigen_a.values.unsqueeze(-2) + damping
     elif method == "factored":
-        damp_g, damp_a = factored_damping([eigen_g.traces, eigen_a.traces], damping)
+        damp_g, damp_a = factored_damping(
+            [eigen_g.mean_eigenvalue, eigen_a.mean_eigenvalue], damping
+        )
         denominator = (eigen_g.values + damp_g.unsqueeze(-1)).unsqueeze(-1) * (
             eigen_a.values + damp_a.unsqueeze(-1)
         ).unsqueeze(-2)

@@ -11,7 +11,8 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_kfac.communication import Collectives
-from lightning_kfac.distribution import PRECONDITION_MODES, DataParallelDistribution
+from lightning_kfac.distribution import DataParallelDistribution
+from lightning_kfac.options import DataParallelOptions
 
 #: How long ``teardown`` yields the GIL to gloo's worker threads.
 _GLOO_RELEASE_SECONDS = 0.2
@@ -62,11 +63,15 @@ class KFACDDPStrategy(DDPStrategy):
         kfac_bucket_cap_mb: float = 25.0,
         **kwargs: Any,
     ) -> None:
-        if kfac_precondition_mode not in PRECONDITION_MODES:
-            raise ValueError(
-                f"kfac_precondition_mode must be one of {PRECONDITION_MODES}, "
-                f"got {kfac_precondition_mode!r}"
+        try:
+            options = DataParallelOptions(
+                reduce_every_update=kfac_reduce_every_update,
+                pack_triangular=kfac_pack_triangular,
+                precondition_mode=kfac_precondition_mode,
+                bucket_cap_mb=kfac_bucket_cap_mb,
             )
+        except ValueError as error:  # name the strategy's argument, not the field
+            raise ValueError(f"kfac_{error}") from None
         unknown = sorted(set(kwargs) - set(_PASS_THROUGH))
         if unknown:
             raise ValueError(
@@ -74,15 +79,29 @@ class KFACDDPStrategy(DDPStrategy):
                 "kfac_reduce_every_update, kfac_pack_triangular, kfac_precondition_mode, "
                 f"kfac_bucket_cap_mb; other options go to DDPStrategy/DDP: {_PASS_THROUGH}"
             )
-        if not kfac_bucket_cap_mb > 0:
-            raise ValueError(
-                f"kfac_bucket_cap_mb must be a positive number, got {kfac_bucket_cap_mb}"
-            )
         super().__init__(*args, **kwargs)
-        self.kfac_reduce_every_update = kfac_reduce_every_update
-        self.kfac_pack_triangular = kfac_pack_triangular
-        self.kfac_precondition_mode = kfac_precondition_mode
-        self.kfac_bucket_cap_mb = kfac_bucket_cap_mb
+        #: The validated K-FAC distribution options.
+        self.kfac_options = options
+
+    @property
+    def kfac_reduce_every_update(self) -> bool:
+        """``kfac_options.reduce_every_update``."""
+        return self.kfac_options.reduce_every_update
+
+    @property
+    def kfac_pack_triangular(self) -> bool:
+        """``kfac_options.pack_triangular``."""
+        return self.kfac_options.pack_triangular
+
+    @property
+    def kfac_precondition_mode(self) -> str:
+        """``kfac_options.precondition_mode``."""
+        return self.kfac_options.precondition_mode
+
+    @property
+    def kfac_bucket_cap_mb(self) -> float:
+        """``kfac_options.bucket_cap_mb``."""
+        return self.kfac_options.bucket_cap_mb
 
     def teardown(self) -> None:
         """Lightning's teardown, then a short pause that yields the GIL.
@@ -100,13 +119,7 @@ class KFACDDPStrategy(DDPStrategy):
 
     def kfac_distribution(self) -> DataParallelDistribution:
         """The K-FAC distribution over this strategy's process group (called at fit set-up)."""
-        return DataParallelDistribution(
-            Collectives(),
-            reduce_every_update=self.kfac_reduce_every_update,
-            pack_triangular=self.kfac_pack_triangular,
-            precondition_mode=self.kfac_precondition_mode,
-            bucket_cap_mb=self.kfac_bucket_cap_mb,
-        )
+        return DataParallelDistribution(Collectives(), self.kfac_options)
 
 
 if KFACDDPStrategy.strategy_name not in StrategyRegistry:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import lightning as L
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_kfac.curvature import CurvatureBlock
+from lightning_kfac.decomposition import DecompositionMethod, DecompositionReport
 
 
 def classification_data(n: int = 256, features: int = 12, classes: int = 3, seed: int = 0):
@@ -138,6 +143,17 @@ class StepIndexedClassifier(Classifier):
         return super().training_step((x[rows], y[rows]), batch_idx)
 
 
+class LocalBatch:
+    """``KFACCallback(batch_size=...)`` for ``StepIndexedClassifier``, whose loader's batch is
+    a placeholder: the rank's share of the global batch."""
+
+    def __init__(self, global_batch: int) -> None:
+        self.global_batch = global_batch
+
+    def __call__(self, batch) -> int:
+        return self.global_batch // (dist.get_world_size() if dist.is_initialized() else 1)
+
+
 def dummy_loader(length: int = 10_000) -> DataLoader:
     """Drives the training loop for ``StepIndexedClassifier``; its contents are unused."""
     return DataLoader(TensorDataset(torch.zeros(length)), batch_size=1)
@@ -149,3 +165,74 @@ def replicas_identical(module: nn.Module) -> bool:
     gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, flat)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def loads(costs, owners, world_size: int) -> list[float]:
+    """Total decomposition cost per rank under an assignment ``{unit: rank}``."""
+    totals = [0.0] * world_size
+    for unit, rank in owners.items():
+        totals[rank] += costs[unit]
+    return totals
+
+
+# -- a curvature kind defined outside the package -------------------------------------------
+
+
+@dataclass
+class Diagonal:
+    """A "decomposition" that is the factor itself: ``(groups, d)``."""
+
+    values: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor]:
+        return (self.values,)
+
+
+class AsIs(DecompositionMethod):
+    """Diagonal factors need no decomposition: a copy is the unit of delegated work."""
+
+    def decompose(self, matrices, damping):
+        return [(Diagonal(m.clone()), DecompositionReport("ok")) for m in matrices]
+
+
+class DiagonalLinearBlock(CurvatureBlock):
+    """Diagonal K-FAC for a bias-free view of ``nn.Linear``: ``F ~= diag(g) (x) diag(a)`` with
+    ``a = mean a**2`` over rows and ``g = K sum_r g_r**2``; the bias keeps its gradient."""
+
+    method = AsIs()
+
+    def parameters(self):
+        return [self.module.weight]
+
+    def factor_shapes(self):
+        return {"a": (1, self.module.in_features), "g": (1, self.module.out_features)}
+
+    def capture_input(self, x):
+        rows = x.reshape(-1, self.module.in_features)
+        return {"a": (rows**2).sum(0, keepdim=True)}, rows.shape[0], None
+
+    def capture_output(self, grad_output, context):
+        rows = grad_output.reshape(-1, self.module.out_features)
+        return {"g": (rows**2).sum(0, keepdim=True)}
+
+    def decomposition_method(self, key):
+        return self.method
+
+    def decomposition_cost(self, key):
+        return float(self.factor_shapes()[key][1])
+
+    def decomposition_shapes(self, key):
+        return (self.factor_shapes()[key],)
+
+    def rebuild(self, key, tensors):
+        return Diagonal(tensors[0])
+
+    def gradient(self):
+        return self.module.weight.grad
+
+    def set_gradient(self, gradient):
+        self.module.weight.grad.copy_(gradient)
+
+    def precondition(self, gradient, decompositions, damping, method):
+        curvature = decompositions["g"].values.mT * decompositions["a"].values  # (out, in)
+        return gradient / (curvature + damping)

@@ -19,6 +19,7 @@ from lightning_kfac.engine import KFACEngine
 from lightning_kfac.options import KFACOptions
 from tests.helpers import (
     Classifier,
+    LocalBatch,
     StepIndexedClassifier,
     classification_data,
     dummy_loader,
@@ -191,7 +192,9 @@ def test_resume_with_a_pending_decomposition_equals_uninterrupted_run(tmp_path):
         return StepIndexedClassifier(mlp(), data, 16, lr=0.05)
 
     def callback():
-        return KFACCallback(damping=1e-2, inv_update_freq=3, staleness=2, verbose=False)
+        return KFACCallback(
+            damping=1e-2, inv_update_freq=3, staleness=2, verbose=False, batch_size=LocalBatch(16)
+        )
 
     straight = module(0)
     trainer(callbacks=[callback()], max_steps=10).fit(straight, dummy_loader())
@@ -216,7 +219,9 @@ def test_async_under_kfac_ddp_equals_one_process(tmp_path):
         return StepIndexedClassifier(mlp(), data, 24, lr=0.05)
 
     def callback():
-        return KFACCallback(damping=1e-2, inv_update_freq=3, staleness=2, verbose=False)
+        return KFACCallback(
+            damping=1e-2, inv_update_freq=3, staleness=2, verbose=False, batch_size=LocalBatch(24)
+        )
 
     single = module()
     trainer(callbacks=[callback()], max_steps=12).fit(single, dummy_loader())

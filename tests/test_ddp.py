@@ -13,12 +13,12 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lightning_kfac import KFACCallback, KFACDDPStrategy
-from lightning_kfac.assignment import loads
 from tests.helpers import (
     Classifier,
     InterleavedData,
     classification_data,
     cnn,
+    loads,
     mlp,
     replicas_identical,
     sequence_data,
@@ -44,16 +44,17 @@ class ReplicaCheck(Callback):
         counts = [None] * dist.get_world_size()
         dist.all_gather_object(counts, kfac.engine.counters.decompositions)
         distribution = kfac.engine.distribution
-        per_rank = loads(distribution.costs, distribution.owners, dist.get_world_size())
+        assignment = distribution.assignment
+        per_rank = loads(assignment.costs, assignment.owners, dist.get_world_size())
         if trainer.global_rank == 0:
             Path(self.path).write_text(
                 json.dumps(
                     {
                         "counts": counts,
-                        "units": len(distribution.owners),
-                        "mode": distribution.precondition_mode,
+                        "units": len(assignment.owners),
+                        "mode": distribution.options.precondition_mode,
                         "loads": per_rank,
-                        "max_cost": max(distribution.costs.values()),
+                        "max_cost": max(assignment.costs.values()),
                     }
                 )
             )

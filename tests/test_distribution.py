@@ -11,12 +11,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from lightning_kfac.assignment import greedy_assignment, loads
+from lightning_kfac.assignment import greedy_assignment
 from lightning_kfac.blocks import LinearBlock
-from lightning_kfac.capture import BatchFactors
+from lightning_kfac.capture import CapturedFactors
 from lightning_kfac.communication import buckets, pack, unpack
 from lightning_kfac.distribution import DataParallelDistribution
-from lightning_kfac.factors import KroneckerFactors
+from lightning_kfac.factors import update_running
+from lightning_kfac.options import DataParallelOptions
+from tests.helpers import loads
 
 
 def free_port() -> int:
@@ -63,10 +65,26 @@ def _blocks(widths):
     return {f"l{i}": LinearBlock(nn.Linear(w, 3)) for i, w in enumerate(widths)}
 
 
+class BatchFactors(CapturedFactors):
+    """A captured Kronecker batch with ``A`` and ``G`` attributes."""
+
+    def __init__(self, A, G, examples):
+        super().__init__({"A": A, "G": G}, examples)
+
+    A = property(lambda self: self.factors["A"])
+    G = property(lambda self: self.factors["G"])
+
+
+def _pair(factors):
+    return factors["A"], factors["G"]
+
+
 def _uneven_and_non_finite(rank, every_update):
     torch.manual_seed(rank)
     blocks = _blocks([4, 5])
-    distribution = DataParallelDistribution(reduce_every_update=every_update)
+    distribution = DataParallelDistribution(
+        options=DataParallelOptions(reduce_every_update=every_update)
+    )
     distribution.setup(blocks, torch.float32)
     n = [6, 2][rank]  # uneven local batches
 
@@ -80,7 +98,7 @@ def _uneven_and_non_finite(rank, every_update):
     }
     everyone = [None, None]
     dist.all_gather_object(everyone, {k: (v.A, v.G) for k, v in batch.items()})
-    combined = distribution.combine_batch(batch)
+    combined = {n: _pair(f) for n, f in distribution.combine_batch(batch, list(blocks)).items()}
     # Whatever each rank folds in, the mean over ranks is the batch-size-weighted mean.
     for name in blocks:
         for index in range(2):
@@ -94,12 +112,12 @@ def _uneven_and_non_finite(rank, every_update):
     # a non-finite factor on rank 1 only: both ranks skip
     if rank == 1:
         batch["l0"].G[0, 0, 0] = float("nan")
-    assert distribution.combine_batch(batch) is None
+    assert distribution.combine_batch(batch, list(blocks)) is None
     # a block that fired only on rank 0 is left out on both ranks
     if rank == 1:
         del batch["l1"]
     batch["l0"].G.nan_to_num_(0.0)
-    assert set(distribution.combine_batch(batch)) == {"l0"}
+    assert set(distribution.combine_batch(batch, list(blocks))) == {"l0"}
 
 
 @pytest.mark.parametrize("every_update", [False, True])
@@ -110,19 +128,21 @@ def test_uneven_batches_weighted_and_non_finite_skipped_everywhere(every_update)
 def _lazy_reduction_is_exact(rank):
     torch.manual_seed(10 + rank)
     blocks = _blocks([4])
-    distribution = DataParallelDistribution(pack_triangular=True)
+    distribution = DataParallelDistribution(options=DataParallelOptions(pack_triangular=True))
     distribution.setup(blocks, torch.float64)
-    running = KroneckerFactors()
+    running = {}
     history = []
     for _ in range(4):
         x = torch.randn(1, 5, 5, dtype=torch.float64)
         batch = {"l0": BatchFactors(A=x @ x.mT, G=x[:, :3, :3] @ x[:, :3, :3].mT, examples=4)}
-        A, G = distribution.combine_batch(batch)["l0"]
-        running.update(A, G, 0.9)
+        update_running([(running, distribution.combine_batch(batch, ["l0"])["l0"])], 0.9)
         gathered = [None, None]
         dist.all_gather_object(gathered, batch["l0"])
         history.append(gathered)
-    reduced = distribution.refresh({"l0": running}, lambda matrix: None)[0]["l0"]
+    factors = distribution.refresh(
+        {"l0": running}, lambda units: dict.fromkeys(u for u, _ in units)
+    )
+    reduced = _pair(factors[0]["l0"])
     expected = None
     for gathered in history:  # the running average of the global (mean over ranks) batches
         batch_mean = (gathered[0].A + gathered[1].A) / 2

@@ -36,11 +36,15 @@ def captured_factors(layer: nn.Module, block, x, target, reduction: str, calls: 
     loss.backward()
     batch = capture.pop()["layer"]
     capture.detach()
-    return batch.A, batch.G
+    return batch.factors["A"], batch.factors["G"]
 
 
-def reference_factors(layer, rows_of, x, target, calls: int = 1):
-    """Per-example loop: a-rows from explicit patches, g-hat from each example's own loss."""
+def reference_factors(layer, rows_of, x, target, calls: int = 1, reduction: str = "mean"):
+    """Per-example loop: a-rows from explicit patches, g-hat from each example's own loss.
+
+    G is the mean over examples of their outer products for a mean loss (K = N); for a summed
+    loss (K = 1) it is their sum, the curvature of the summed loss (reference, section 1).
+    """
     n = x.shape[0]
     a_terms, g_terms, row_count = [], [], 0
     for i in range(n):
@@ -53,7 +57,7 @@ def reference_factors(layer, rows_of, x, target, calls: int = 1):
             a_terms.append(a_rows.mT @ a_rows)
             g_terms.append(g_rows.mT @ g_rows)
             row_count += a_rows.shape[1]
-    return sum(a_terms) / row_count, sum(g_terms) / n
+    return sum(a_terms) / row_count, sum(g_terms) / (n if reduction == "mean" else 1)
 
 
 def with_ones(rows: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -75,7 +79,7 @@ def test_linear_factors(bias, reduction, input_shape):
         return with_ones(xi.reshape(1, -1, 5), bias), grad.reshape(1, -1, 4)
 
     A, G = captured_factors(layer, LinearBlock(layer), x, target, reduction)
-    A_ref, G_ref = reference_factors(layer, rows_of, x, target)
+    A_ref, G_ref = reference_factors(layer, rows_of, x, target, reduction=reduction)
     assert A.shape == (1, 5 + bias, 5 + bias) and G.shape == (1, 4, 4)
     torch.testing.assert_close(A, A_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(G, G_ref, rtol=1e-10, atol=1e-12)
@@ -154,7 +158,7 @@ def test_conv_factors(dims, kwargs, reduction):
         return a_rows, g
 
     A, G = captured_factors(conv, ConvBlock(conv), x, target, reduction)
-    A_ref, G_ref = reference_factors(conv, rows_of, x, target)
+    A_ref, G_ref = reference_factors(conv, rows_of, x, target, reduction=reduction)
     torch.testing.assert_close(A, A_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(G, G_ref, rtol=1e-10, atol=1e-12)
 
@@ -193,7 +197,7 @@ def test_in_place_op_after_layer_sees_pre_activation_gradient(inplace_op):
         F.mse_loss(head(h), y).backward()
         out = capture.pop()["l"]
         capture.detach()
-        return out.A, out.G
+        return out.factors["A"], out.factors["G"]
 
     A_in, G_in = factors(True)
     A_out, G_out = factors(False)
@@ -221,8 +225,8 @@ def test_loss_scale_is_undone_and_microbatches_average():
         split.start_microbatch(loss_scale=0.5 * 1024.0)
         (head_loss(layer(x[half]), target[half]).mean() * 0.5 * 1024.0).backward()
     got = split.pop()["l"]
-    torch.testing.assert_close(got.A, expected.A)
-    torch.testing.assert_close(got.G, expected.G)
+    torch.testing.assert_close(got.factors["A"], expected.factors["A"])
+    torch.testing.assert_close(got.factors["G"], expected.factors["G"])
     assert got.examples == 8
 
 

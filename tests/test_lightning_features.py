@@ -31,7 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def kfac(**overrides) -> KFACCallback:
-    options = dict(damping=1e-2, factor_update_freq=1, inv_update_freq=3, verbose=False)
+    options = dict(
+        damping=1e-2,
+        factor_update_freq=1,
+        inv_update_freq=3,
+        verbose=False,
+    )
     options.update(overrides)
     return KFACCallback(**options)
 

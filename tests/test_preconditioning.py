@@ -116,8 +116,8 @@ def test_engine_step_matches_dense_reference(method):
     solve = dense_exact if method == "exact" else dense_factored
     expected, inner = {}, 0.0
     for name in blocks:
-        A, G = engine.factors()[name]
-        expected[name] = solve(G[0], A[0], raw[name][0], damping)
+        A, G = engine.factors()[name]  # (d, d): groups is 1
+        expected[name] = solve(G, A, raw[name][0], damping)
         inner += lrs[name] ** 2 * (expected[name] * raw[name][0]).sum().item()
     nu = min(1.0, math.sqrt(kl_clip / inner))
     assert nu < 1.0, "the test must exercise the clip"

@@ -1,0 +1,286 @@
+"""The curvature-block interface, and the dense Kronecker-factored block (reference, 2-3).
+
+A *curvature block* owns all of K-FAC's math for one layer: which factors it keeps (their
+keys and shapes, what is reduced across ranks), what it takes from the layer's input and
+output gradient, how each factor is decomposed and what that costs, how a decomposition
+is rebuilt from the tensors that travel between ranks, and how the damped inverse is
+applied to the gradient. The engine and the distributions move ``(block name, factor key)``
+units and never look inside a block, so a new kind of curvature is one new class.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_kfac.decomposition import (
+    SYMMETRIC_EIGEN,
+    Decomposition,
+    DecompositionMethod,
+    Eigen,
+)
+from lightning_kfac.preconditioning import damped_inverse_eigenvalues, precondition
+
+#: ``{factor key: decomposition}`` of one block (a key is absent until it first succeeds).
+BlockDecompositions = Mapping[str, Decomposition]
+#: Preconditions the gradients of a batch of blocks (same ``batch_key``), in block order.
+Operator = Callable[[Sequence[Tensor]], list[Tensor]]
+
+
+class CurvatureBlock(ABC):
+    """One layer's curvature: its statistics, factors, decompositions and preconditioning.
+
+    Statistics are captured in two halves. ``capture_input`` runs in the layer's forward
+    hook and returns statistics that are *averaged over rows* (every position of every
+    call in the factor batch). ``capture_output`` runs on the output gradient and returns
+    statistics *quadratic in it*, summed over rows; the capture multiplies them by
+    ``K / loss_scale**2`` (K: the number of terms the loss averages over) and averages over
+    micro-batches, which is the general rule ``G = K sum_r g_r g_r^T`` of the reference.
+    Every factor's key must be produced by one of the two.
+
+    Attributes:
+        module: the layer.
+    """
+
+    module: nn.Module
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    # -- what is kept ----------------------------------------------------------------------
+
+    @abstractmethod
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this block preconditions; the first one's param group gives the
+        learning rate for the KL clip."""
+
+    @abstractmethod
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{key: shape}`` of every running factor (each reduced across ranks), with a
+        leading groups dimension."""
+
+    # -- capture ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def capture_input(self, x: Tensor) -> tuple[dict[str, Tensor], int, Any]:
+        """From the layer input (detached, in the factor dtype): ``(statistics summed over
+        rows, number of rows, context handed to capture_output)``."""
+
+    @abstractmethod
+    def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
+        """From autograd's output gradient (loss scale undone): statistics quadratic in it,
+        summed over rows."""
+
+    # -- decomposition ---------------------------------------------------------------------
+
+    def decomposition_method(self, key: str) -> DecompositionMethod:
+        """How factor ``key`` is decomposed (default: symmetric eigendecomposition)."""
+        return SYMMETRIC_EIGEN
+
+    def decomposition_cost(self, key: str) -> float:
+        """Relative cost of decomposing factor ``key``, for assigning work to ranks
+        (default: ``groups * d**3`` for a ``(groups, d, d)`` factor)."""
+        shape = self.factor_shapes()[key]
+        return float(shape[0]) * shape[-1] ** 3
+
+    @abstractmethod
+    def decomposition_shapes(self, key: str) -> tuple[tuple[int, ...], ...]:
+        """Shapes of ``decomposition.tensors()`` for factor ``key``."""
+
+    @abstractmethod
+    def rebuild(self, key: str, tensors: Sequence[Tensor]) -> Decomposition:
+        """The decomposition of factor ``key`` from its ``tensors()`` (after a broadcast)."""
+
+    # -- the gradient ----------------------------------------------------------------------
+
+    @abstractmethod
+    def gradient(self) -> Tensor | None:
+        """This block's gradient in the layout ``precondition`` takes, or None."""
+
+    @abstractmethod
+    def set_gradient(self, gradient: Tensor) -> None:
+        """Write a preconditioned gradient back into the parameters' ``.grad``."""
+
+    @abstractmethod
+    def precondition(
+        self, gradient: Tensor, decompositions: BlockDecompositions, damping: float, method: str
+    ) -> Tensor:
+        """The damped inverse curvature applied to ``gradient``.
+
+        Args:
+            decompositions: one per factor key (all present).
+            damping: lambda.
+            method: the ``damping_method`` option (``"exact"`` or ``"factored"``).
+        """
+
+    def batch_key(self) -> Hashable:
+        """Blocks with equal keys are preconditioned together by one ``operator`` (default:
+        none share, each block is its own batch)."""
+        return id(self)
+
+    @classmethod
+    def operator(
+        cls,
+        blocks: Sequence[CurvatureBlock],
+        decompositions: Sequence[BlockDecompositions],
+        damping: float,
+        method: str,
+    ) -> Operator:
+        """Preconditioning for blocks of one batch key, valid while their decompositions and
+        the damping stay the same (the engine caches it). Default: one block at a time."""
+
+        def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
+            return [
+                block.precondition(gradient, decomposition, damping, method)
+                for block, gradient, decomposition in zip(blocks, gradients, decompositions)
+            ]
+
+        return apply
+
+
+def gram(rows: Tensor, homogeneous: bool) -> Tensor:
+    """``rows^T rows`` per group, with a trailing coordinate of ones when ``homogeneous``.
+
+    Args:
+        rows: ``(groups, M, d)``.
+
+    Returns:
+        ``(groups, d, d)``, or ``(groups, d + 1, d + 1)`` when ``homogeneous``.
+    """
+    if homogeneous:
+        rows = F.pad(rows, (0, 1), value=1.0)
+    return rows.mT @ rows
+
+
+class KroneckerBlock(CurvatureBlock):
+    """Dense K-FAC: ``F ~= G (x) A`` with eigendecomposed factors (reference, sections 2-3).
+
+    Subclasses give the layer's geometry: how its input becomes rows ``a`` and its output
+    gradient rows ``g``. The combined gradient is ``V = grad [W | b]``, ``(groups, g, a)``.
+    Every quantity carries a leading groups dimension (1 except for grouped convolutions).
+
+    Attributes:
+        groups: number of independent ``(A, G)`` pairs.
+        has_bias: whether the bias is part of ``[W | b]``.
+        in_features: per-group input width without the homogeneous coordinate.
+        out_features: per-group output width.
+    """
+
+    groups: int
+    has_bias: bool
+    in_features: int
+    out_features: int
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        bias = getattr(module, "bias", None)
+        self.has_bias = bias is not None and bias.requires_grad
+
+    @property
+    def a_dim(self) -> int:
+        """Side of the input factor ``A`` (``in_features + 1`` with a bias)."""
+        return self.in_features + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        """Side of the output-gradient factor ``G``."""
+        return self.out_features
+
+    @abstractmethod
+    def input_rows(self, x: Tensor) -> Tensor:
+        """Rows ``a`` from the layer input ``x``: ``(groups, rows, in_features)``."""
+
+    @abstractmethod
+    def output_rows(self, grad_output: Tensor) -> Tensor:
+        """Rows ``g`` from the output gradient: ``(groups, rows, out_features)``."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+
+    def factor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {
+            "A": (self.groups, self.a_dim, self.a_dim),
+            "G": (self.groups, self.g_dim, self.g_dim),
+        }
+
+    def capture_input(self, x: Tensor) -> tuple[dict[str, Tensor], int, Any]:
+        rows = self.input_rows(x)
+        return {"A": gram(rows, self.has_bias)}, rows.shape[1], None
+
+    def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
+        rows = self.output_rows(grad_output)
+        return {"G": rows.mT @ rows}
+
+    def decomposition_shapes(self, key: str) -> tuple[tuple[int, ...], ...]:
+        groups, d, _ = self.factor_shapes()[key]
+        return (groups, d), (groups, d, d)
+
+    def rebuild(self, key: str, tensors: Sequence[Tensor]) -> Eigen:
+        values, vectors = tensors
+        return Eigen(vectors=vectors, values=values)
+
+    def gradient(self) -> Tensor | None:
+        """``V``: ``(groups, g_dim, a_dim)``, or None without a weight gradient."""
+        weight_grad = self.module.weight.grad
+        if weight_grad is None:
+            return None
+        matrix = weight_grad.reshape(self.groups, self.out_features, self.in_features)
+        if not self.has_bias:
+            return matrix
+        bias_grad = self.module.bias.grad
+        if bias_grad is None:
+            bias_grad = torch.zeros_like(self.module.bias)
+        return torch.cat([matrix, bias_grad.reshape(self.groups, self.out_features, 1)], dim=-1)
+
+    def set_gradient(self, gradient: Tensor) -> None:
+        weight = self.module.weight
+        weight.grad.copy_(gradient[..., : self.in_features].reshape(weight.shape))
+        if self.has_bias and self.module.bias.grad is not None:
+            self.module.bias.grad.copy_(gradient[..., self.in_features].reshape(-1))
+
+    def precondition(
+        self, gradient: Tensor, decompositions: BlockDecompositions, damping: float, method: str
+    ) -> Tensor:
+        eigen_a, eigen_g = decompositions["A"], decompositions["G"]
+        work = gradient.to(eigen_a.vectors.dtype)
+        return precondition(work, eigen_g, eigen_a, damping, method).to(gradient.dtype)
+
+    def batch_key(self) -> Hashable:
+        return (KroneckerBlock, self.groups, self.a_dim, self.g_dim)
+
+    @classmethod
+    def operator(
+        cls,
+        blocks: Sequence[CurvatureBlock],
+        decompositions: Sequence[BlockDecompositions],
+        damping: float,
+        method: str,
+    ) -> Operator:
+        """All blocks of one shape at once: their eigenbases and damped inverse eigenvalues
+        stacked along the groups dimension, four batched products per step."""
+        if len(blocks) == 1:
+            return super().operator(blocks, decompositions, damping, method)
+        eigen_a, eigen_g = (
+            Eigen(
+                vectors=torch.cat([d[key].vectors for d in decompositions]),
+                values=torch.cat([d[key].values for d in decompositions]),
+            )
+            for key in "AG"
+        )
+        scale = damped_inverse_eigenvalues(eigen_g, eigen_a, damping, method)
+        q_a, q_g = eigen_a.vectors, eigen_g.vectors
+        q_a_t, q_g_t = q_a.mT, q_g.mT
+        counts = [block.groups for block in blocks]
+
+        def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
+            dtype = gradients[0].dtype
+            work = torch.cat(list(gradients)).to(q_a.dtype)
+            out = (q_g @ ((q_g_t @ work @ q_a) * scale) @ q_a_t).to(dtype)
+            return list(out.split(counts))
+
+        return apply
