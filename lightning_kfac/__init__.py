@@ -1,9 +1,20 @@
 """Distributed K-FAC preconditioning for PyTorch Lightning."""
 
 from lightning_kfac.callback import KFACCallback
+from lightning_kfac.curvature import CurvatureBlock, KroneckerBlock
+from lightning_kfac.registry import register_block_type
 from lightning_kfac.schedules import ExponentialDecay, StepDecay
 from lightning_kfac.strategy import KFACDDPStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["ExponentialDecay", "KFACCallback", "KFACDDPStrategy", "StepDecay", "__version__"]
+__all__ = [
+    "CurvatureBlock",
+    "ExponentialDecay",
+    "KFACCallback",
+    "KFACDDPStrategy",
+    "KroneckerBlock",
+    "StepDecay",
+    "__version__",
+    "register_block_type",
+]
