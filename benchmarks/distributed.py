@@ -32,7 +32,7 @@ from lightning_kfac.communication import Collectives
 from lightning_kfac.discovery import discover
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.engine import KFACEngine
-from lightning_kfac.options import KFACOptions
+from lightning_kfac.options import DataParallelOptions, KFACOptions
 
 
 def build(model: str) -> tuple[nn.Module, tuple[int, ...]]:
@@ -82,7 +82,11 @@ def worker(rank: int, world: int, port: int, args, model_name: str, kfac: bool, 
     net, shape = build(model_name)
     engine = None
     if kfac:
-        distribution = DataParallelDistribution(Collectives(), **options) if world > 1 else None
+        distribution = (
+            DataParallelDistribution(Collectives(), DataParallelOptions(**options))
+            if world > 1
+            else None
+        )
         blocks = discover(net).blocks
         engine = KFACEngine(
             blocks,

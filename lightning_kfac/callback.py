@@ -170,15 +170,37 @@ class KFACCallback(Callback):
             self._close()
             self.engine = None
         self._module = pl_module
+        self._lazy = []
+        self._check_loss_modules(pl_module)
         self._register(trainer, pl_module)
+
+    def _check_loss_modules(self, pl_module: pl.LightningModule) -> None:
+        """Warn once if a torch loss module of the model reduces otherwise than
+        ``loss_reduction`` says (K-FAC's curvature would be off by the number of terms)."""
+        expected = self.options.loss_reduction
+        kinds = {"mean": "mean", "batchmean": "mean", "sum": "sum"}
+        mismatched = [
+            f"{name or '<root>'!r} ({type(module).__name__}, reduction={module.reduction!r})"
+            for name, module in pl_module.named_modules()
+            if isinstance(module, nn.modules.loss._Loss)
+            and kinds.get(getattr(module, "reduction", None), expected) != expected
+        ]
+        if mismatched:
+            rank_zero_warn(
+                f"K-FAC: loss module {', '.join(mismatched)} of the model "
+                f"disagrees with KFACCallback(loss_reduction={expected!r}); if the training "
+                "loss uses it, set loss_reduction to match, or the curvature is off by the "
+                "number of loss terms."
+            )
 
     def _register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         lookup = functools.partial(registry.block_type_for, overrides=self.block_types)
         found = discover(pl_module, self.include, self.exclude, block_type_for=lookup)
+        materialised = bool(self._lazy)  # registering again after the first batch
         self._lazy = found.lazy
         if self.verbose:
             rank_zero_info(summary_table(found))
-        for message in found.warnings():
+        for message in [] if materialised else found.warnings():
             rank_zero_warn(message)
         if self._lazy:
             rank_zero_warn(
@@ -199,6 +221,11 @@ class KFACCallback(Callback):
             distribution=self._distribution(trainer),
             warn=rank_zero_warn,
         )
+
+    def _attach(self) -> None:
+        """Install the hooks and say what K-FAC assumes (the factor dtype is known only
+        now, after Lightning has converted the model's precision)."""
+        self.engine.attach()
         rank_zero_info(f"KFACCallback: {self._loss_assumption()}; factors in {self.engine.dtype}.")
 
     def _loss_assumption(self) -> str:
@@ -218,7 +245,7 @@ class KFACCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.engine is not None:
-            self.engine.attach()
+            self._attach()
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -260,7 +287,7 @@ class KFACCallback(Callback):
         if self._lazy and self.engine is None:
             self._register(trainer, pl_module)
             if self.engine is not None:
-                self.engine.attach()
+                self._attach()
 
     @override
     def on_before_backward(

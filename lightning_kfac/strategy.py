@@ -6,10 +6,13 @@ import inspect
 import time
 from typing import Any, Literal
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from lightning_kfac.callback import KFACCallback
 from lightning_kfac.communication import Collectives
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.options import DataParallelOptions
@@ -102,6 +105,19 @@ class KFACDDPStrategy(DDPStrategy):
     def kfac_bucket_cap_mb(self) -> float:
         """``kfac_options.bucket_cap_mb``."""
         return self.kfac_options.bucket_cap_mb
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        """Lightning's DDP set-up; warns if no ``KFACCallback`` would use this strategy."""
+        super().setup(trainer)
+        self._warn_without_kfac_callback(trainer)
+
+    @staticmethod
+    def _warn_without_kfac_callback(trainer: pl.Trainer) -> None:
+        if not any(isinstance(c, KFACCallback) for c in trainer.callbacks):
+            rank_zero_warn(
+                "strategy='kfac_ddp' without a KFACCallback: K-FAC is inactive and this is "
+                "plain DDP; add KFACCallback() to the Trainer's callbacks."
+            )
 
     def teardown(self) -> None:
         """Lightning's teardown, then a short pause that yields the GIL.
