@@ -107,8 +107,12 @@ class FactorCapture:
         self._loss_scale: LossScale = 1.0
         self._examples: int | None = None
         self._microbatch_terms: LossTerms | None = None
-        self._last_output: torch.Size | None = None
-        self._pending = {name: _Sums() for name in self.blocks}
+        #: (positions, elements) of each block's outputs since the last backward pass, and
+        #: the block that ran last: what "positions"/"elements" count K from.
+        self._outputs: dict[str, tuple[int, int]] = {}
+        self._last_name: str | None = None
+        #: Each block's forward calls not yet reached by a backward pass (one _Sums each).
+        self._pending: dict[str, list[_Sums]] = {name: [] for name in self.blocks}
         self._committed = {name: _Sums() for name in self.blocks}
         self._handles: list[RemovableHandle] = []
         #: Host seconds spent inside the hooks since the last ``pop`` (on a GPU this is the
@@ -147,11 +151,12 @@ class FactorCapture:
             loss_terms: K for this micro-batch, overriding the capture's ``loss_terms``.
         """
         self.end_backward()
+        self._pending = {name: [] for name in self.blocks}  # never reached: dropped
         self.armed = True
         self._loss_scale = loss_scale
         self._examples = examples
         self._microbatch_terms = loss_terms
-        self._last_output = None
+        self._outputs, self._last_name = {}, None
 
     def stop(self) -> None:
         """Disarm the hooks; what was accumulated stays until ``pop``."""
@@ -167,20 +172,24 @@ class FactorCapture:
     def end_backward(self) -> None:
         """After a backward pass: commit the pending statistics of every block it reached
         with this pass's N and K; drop those of blocks it did not reach."""
-        pending = [name for name, sums in self._pending.items() if sums.inputs or sums.outputs]
-        if not pending:
+        reached = {n: [c for c in calls if c.outputs] for n, calls in self._pending.items()}
+        reached = {n: calls for n, calls in reached.items() if calls}
+        if not reached:
             return
         examples = self._examples
         k = self._terms(examples)
-        for name in pending:
-            sums = self._pending[name]
-            self._pending[name] = _Sums()
-            if not sums.outputs or not sums.inputs or not examples:
+        self._outputs, self._last_name = {}, None
+        for name, calls in reached.items():
+            # calls this pass did not reach stay pending: a later backward of the step may
+            # (one generator forward feeding a discriminator's and a generator's loss)
+            self._pending[name] = [c for c in self._pending[name] if not c.outputs]
+            if not examples:
                 continue
             committed = self._committed[name]
-            _add(committed.inputs, sums.inputs)
-            committed.rows += sums.rows
-            _add(committed.outputs, sums.outputs, weight=float(examples * k))
+            for call in calls:
+                _add(committed.inputs, call.inputs)
+                committed.rows += call.rows
+                _add(committed.outputs, call.outputs, weight=float(examples * k))
             committed.examples += examples
 
     def pop(self, names: Iterable[str] | None = None) -> dict[str, CapturedFactors]:
@@ -200,7 +209,7 @@ class FactorCapture:
 
     def discard(self) -> None:
         """Drop everything pending and committed."""
-        self._pending = {name: _Sums() for name in self.blocks}
+        self._pending = {name: [] for name in self.blocks}
         self._committed = {name: _Sums() for name in self.blocks}
         self.seconds = 0.0
 
@@ -211,10 +220,10 @@ class FactorCapture:
         terms = self._microbatch_terms if self._microbatch_terms is not None else self.loss_terms
         if not isinstance(terms, str):
             return float(terms)
-        if terms == "examples" or self._last_output is None:
+        if terms == "examples" or self._last_name is None:
             return float(examples or 0)
-        numel = self._last_output.numel()
-        return float(numel if terms == "elements" else numel // max(self._last_output[-1], 1))
+        positions, elements = self._outputs[self._last_name]
+        return float(elements if terms == "elements" else positions)
 
     def _forward_hook(self, name: str, block: CurvatureBlock):
         def hook(module, args, kwargs, output) -> None:
@@ -226,24 +235,42 @@ class FactorCapture:
             x = args[0] if args else next(iter(kwargs.values()))
             if self._examples is None:
                 self._examples = x.shape[0] if x.dim() > 1 else 1
-            self._last_output = output.shape
+            positions, elements = self._outputs.get(name, (0, 0))
+            self._outputs[name] = (
+                positions + _positions(block, output),
+                elements + output.numel(),
+            )
+            self._last_name = name
             with _full_precision(x.device.type):
                 statistics, rows, context = block.capture_input(x.detach().to(self.dtype))
-                pending = self._pending[name]
-                _add(pending.inputs, statistics)
-                pending.rows += rows
-            output.register_hook(self._gradient_hook(name, block, context, self._loss_scale))
+                call = _Sums(rows=rows)
+                _add(call.inputs, statistics)
+                self._pending[name].append(call)
+            output.register_hook(self._gradient_hook(call, block, context, self._loss_scale))
             self.seconds += time.perf_counter() - start
 
         return hook
 
-    def _gradient_hook(self, name: str, block: CurvatureBlock, context: Any, loss_scale: LossScale):
+    def _gradient_hook(
+        self, call: _Sums, block: CurvatureBlock, context: Any, loss_scale: LossScale
+    ):
         def hook(grad: Tensor) -> None:
             start = time.perf_counter()
             scale = loss_scale() if callable(loss_scale) else loss_scale
             with _full_precision(grad.device.type):
                 statistics = block.capture_output(grad.to(self.dtype) / scale, context)
-                _add(self._pending[name].outputs, statistics)
+                _add(call.outputs, statistics)
             self.seconds += time.perf_counter() - start
 
         return hook
+
+
+def _positions(block: CurvatureBlock, output: Tensor) -> int:
+    """Output positions of one call: every element but the channels (a Linear's last
+    dimension; a convolution's channel dimension, 1 or 0 unbatched)."""
+    module = block.module
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        channels = output.shape[1 if output.dim() == len(module.kernel_size) + 2 else 0]
+    else:
+        channels = output.shape[-1] if output.dim() else 1
+    return output.numel() // max(channels, 1)

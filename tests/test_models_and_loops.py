@@ -328,7 +328,9 @@ def test_positions_count_every_call_of_the_head():
         return token_ce(logits, labels)
 
     batch_first = captured(layers, lambda: loss(False), N, loss_terms="positions")
-    assert_factors_equal(captured(layers, lambda: loss(True), N, loss_terms="positions"), batch_first)
+    assert_factors_equal(
+        captured(layers, lambda: loss(True), N, loss_terms="positions"), batch_first
+    )
 
 
 def test_positions_of_a_conv_head_are_its_output_locations():
@@ -640,7 +642,11 @@ def test_callback_reused_for_a_new_model_and_for_the_same_model(info):
 
 @pytest.mark.parametrize(
     ("precision", "factor_dtype", "expected"),
-    [("64-true", "auto", F64), ("32-true", "auto", torch.float32), ("64-true", "float32", torch.float32)],
+    [
+        ("64-true", "auto", F64),
+        ("32-true", "auto", torch.float32),
+        ("64-true", "float32", torch.float32),
+    ],
 )
 def test_factor_dtype_follows_precision(precision, factor_dtype, expected, info):
     torch.manual_seed(9)
@@ -746,4 +752,3 @@ def test_unmatched_patterns_warn_once_each_in_a_fit():
     assert len([m for m in messages if "exclude pattern 'decoder'" in m]) == 1, messages
     assert not [m for m in messages if "pattern 'net.*'" in m or "pattern 'net.4'" in m]
     assert set(callback.engine.blocks) == {"net.0", "net.2"}
-
