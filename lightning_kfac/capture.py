@@ -242,7 +242,9 @@ class FactorCapture:
             )
             self._last_name = name
             with _full_precision(x.device.type):
-                statistics, rows, context = block.capture_input(x.detach().to(self.dtype))
+                statistics, rows, context = block.capture_input(
+                    x.detach().to(self.dtype), self._examples
+                )
                 call = _Sums(rows=rows)
                 _add(call.inputs, statistics)
                 self._pending[name].append(call)

@@ -67,9 +67,15 @@ class CurvatureBlock(ABC):
     # -- capture ---------------------------------------------------------------------------
 
     @abstractmethod
-    def capture_input(self, x: Tensor) -> tuple[dict[str, Tensor], int, Any]:
+    def capture_input(self, x: Tensor, examples: int) -> tuple[dict[str, Tensor], int, Any]:
         """From the layer input (detached, in the factor dtype): ``(statistics summed over
-        rows, number of rows, context handed to capture_output)``."""
+        rows, number of rows, context handed to capture_output)``.
+
+        Args:
+            x: the layer's first input.
+            examples: N of this pass (a block that sums over an example's positions, such as
+                K-FAC-reduce or a normalisation layer, needs it to find the batch dimension).
+        """
 
     @abstractmethod
     def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
@@ -208,7 +214,7 @@ class KroneckerBlock(CurvatureBlock):
             "G": (self.groups, self.g_dim, self.g_dim),
         }
 
-    def capture_input(self, x: Tensor) -> tuple[dict[str, Tensor], int, Any]:
+    def capture_input(self, x: Tensor, examples: int) -> tuple[dict[str, Tensor], int, Any]:
         rows = self.input_rows(x)
         return {"A": gram(rows, self.has_bias)}, rows.shape[1], None
 

@@ -207,7 +207,7 @@ class DiagonalLinearBlock(CurvatureBlock):
     def factor_shapes(self):
         return {"a": (1, self.module.in_features), "g": (1, self.module.out_features)}
 
-    def capture_input(self, x):
+    def capture_input(self, x, examples):
         rows = x.reshape(-1, self.module.in_features)
         return {"a": (rows**2).sum(0, keepdim=True)}, rows.shape[0], None
 
