@@ -186,6 +186,7 @@ class KroneckerBlock(CurvatureBlock):
         super().__init__(module)
         bias = getattr(module, "bias", None)
         self.has_bias = bias is not None and bias.requires_grad
+        self._parameters = [module.weight] + ([bias] if self.has_bias else [])
 
     @property
     def a_dim(self) -> int:
@@ -206,7 +207,7 @@ class KroneckerBlock(CurvatureBlock):
         """Rows ``g`` from the output gradient: ``(groups, rows, out_features)``."""
 
     def parameters(self) -> list[nn.Parameter]:
-        return [self.module.weight] + ([self.module.bias] if self.has_bias else [])
+        return self._parameters
 
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {
