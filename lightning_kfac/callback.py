@@ -294,7 +294,7 @@ class KFACCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor
     ) -> None:
         if self.engine is not None:
-            self.engine.begin_backward()
+            self.engine.begin_backward(self._loss_scale(trainer))
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -385,7 +385,13 @@ class KFACCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return False
-        found = scaler._found_inf_per_device(optimizer)
+        # GradScaler has no public query for what ``unscale_`` found; this private method
+        # has been stable since torch 1.6. Without it, the step goes ahead and the engine's
+        # own finiteness check keeps non-finite statistics out of the factors.
+        found_inf = getattr(scaler, "_found_inf_per_device", None)
+        if found_inf is None:
+            return False
+        found = found_inf(optimizer)
         return bool(found) and bool(torch.stack([f.cpu() for f in found.values()]).sum() > 0)
 
     def _close(self) -> None:
@@ -411,9 +417,10 @@ class KFACCallback(Callback):
     @staticmethod
     def _loss_scale(trainer: pl.Trainer) -> LossScale:
         """The factor Lightning multiplied the loss by: ``1/k``, times a GradScaler's scale
-        (read during backward, when the scaler's scale tensor exists; no host sync)."""
+        (``get_scale()``: one host read per backward pass, once the scaler has scaled the
+        loss, which it has by ``on_before_backward``)."""
         accumulation = 1.0 / trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is None or not scaler.is_enabled():
             return accumulation
-        return lambda: scaler._scale * accumulation
+        return scaler.get_scale() * accumulation

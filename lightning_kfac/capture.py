@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +28,9 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.curvature import CurvatureBlock
 
-#: What the loss was multiplied by before backward: a number, a tensor, or a callable read
-#: during backward (a GradScaler creates its scale tensor lazily, in its first ``scale``).
-LossScale = float | Tensor | Callable[[], float | Tensor]
+#: What the loss was multiplied by before backward: a number or a one-element tensor (a
+#: GradScaler's scale, read by the hooks without a host sync).
+LossScale = float | Tensor
 
 #: What a mean-reduced loss averages over (reference, section 1): ``"examples"`` (K = N),
 #: ``"positions"`` (K = the number of output positions of the last registered layer the
@@ -162,9 +162,16 @@ class FactorCapture:
         """Disarm the hooks; what was accumulated stays until ``pop``."""
         self.armed = False
 
-    def begin_backward(self) -> None:
+    def begin_backward(self, loss_scale: LossScale | None = None) -> None:
         """Before a backward pass: a block whose gradient starts afresh (``.grad`` None)
-        drops what it committed before."""
+        drops what it committed before.
+
+        Args:
+            loss_scale: what this pass's loss was multiplied by, if it differs from the
+                micro-batch's (a GradScaler's scale exists only once it has scaled a loss).
+        """
+        if loss_scale is not None:
+            self._loss_scale = loss_scale
         for name, block in self.blocks.items():
             if all(p.grad is None for p in block.parameters()):
                 self._committed[name] = _Sums()
@@ -248,19 +255,16 @@ class FactorCapture:
                 call = _Sums(rows=rows)
                 _add(call.inputs, statistics)
                 self._pending[name].append(call)
-            output.register_hook(self._gradient_hook(call, block, context, self._loss_scale))
+            output.register_hook(self._gradient_hook(call, block, context))
             self.seconds += time.perf_counter() - start
 
         return hook
 
-    def _gradient_hook(
-        self, call: _Sums, block: CurvatureBlock, context: Any, loss_scale: LossScale
-    ):
+    def _gradient_hook(self, call: _Sums, block: CurvatureBlock, context: Any):
         def hook(grad: Tensor) -> None:
             start = time.perf_counter()
-            scale = loss_scale() if callable(loss_scale) else loss_scale
             with _full_precision(grad.device.type):
-                statistics = block.capture_output(grad.to(self.dtype) / scale, context)
+                statistics = block.capture_output(grad.to(self.dtype) / self._loss_scale, context)
                 _add(call.outputs, statistics)
             self.seconds += time.perf_counter() - start
 

@@ -7,7 +7,6 @@ every ``include``/``exclude`` pattern that matches no module is reported.
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -65,7 +64,7 @@ class Discovery:
         skipped: modules with parameters of their own left with their plain gradient, each
             once, with the reason.
         unmatched_patterns: ``include``/``exclude`` patterns matching no module with
-            parameters, as ``"include 'enc.*'"`` / ``"exclude 'head'"``.
+            parameters, as ``(option, pattern)``: ``("include", "enc.*")``.
         lazy: names of lazy modules not yet materialised; discover again after a forward.
         layer_names: names of the modules with parameters of their own (what patterns match).
         plain_parameter_count: trainable parameter elements left with their plain gradient
@@ -74,7 +73,7 @@ class Discovery:
 
     blocks: dict[str, CurvatureBlock]
     skipped: list[Skipped]
-    unmatched_patterns: list[str] = field(default_factory=list)
+    unmatched_patterns: list[tuple[str, str]] = field(default_factory=list)
     lazy: list[str] = field(default_factory=list)
     layer_names: list[str] = field(default_factory=list)
     plain_parameter_count: int = 0
@@ -86,10 +85,8 @@ class Discovery:
         if len(names) > _NAMES_SHOWN:
             shown += ", ..."
         messages = []
-        for entry in self.unmatched_patterns:
-            kind, _, quoted = entry.partition(" ")
-            message = f"K-FAC: {kind} pattern {quoted} matches no module"
-            pattern = ast.literal_eval(quoted)
+        for kind, pattern in self.unmatched_patterns:
+            message = f"K-FAC: {kind} pattern {pattern!r} matches no module"
             if any(name.startswith(f"{pattern}.") for name in names):
                 message += f" (patterns match full module names: did you mean '{pattern}.*'?)"
             if names:
@@ -181,7 +178,7 @@ def discover(
             skipped.append(Skipped(name, type(module).__name__, reason))
 
     unmatched = [
-        f"{kind} {pattern!r}"
+        (kind, pattern)
         for kind, patterns in (("include", include or []), ("exclude", exclude))
         for pattern in dict.fromkeys(patterns)
         if not any(fnmatchcase(name, pattern) for name in layer_names)
@@ -278,6 +275,8 @@ def summary_table(discovery: Discovery) -> str:
         )
         lines += [f"  {s.name or '<root>'} ({s.type_name}): {s.reason}" for s in discovery.skipped]
     if discovery.unmatched_patterns:
-        unmatched = ", ".join(discovery.unmatched_patterns)
+        unmatched = ", ".join(
+            f"{kind} {pattern!r}" for kind, pattern in discovery.unmatched_patterns
+        )
         lines.append(f"K-FAC patterns matching no module: {unmatched}")
     return "\n".join(lines)

@@ -161,9 +161,9 @@ class KFACEngine:
         else:
             self.capture.stop()
 
-    def begin_backward(self) -> None:
+    def begin_backward(self, loss_scale: LossScale | None = None) -> None:
         """Called before each backward pass (see ``FactorCapture.begin_backward``)."""
-        self.capture.begin_backward()
+        self.capture.begin_backward(loss_scale)
 
     def end_backward(self) -> None:
         """Called after each backward pass (see ``FactorCapture.end_backward``)."""

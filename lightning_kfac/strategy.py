@@ -86,26 +86,6 @@ class KFACDDPStrategy(DDPStrategy):
         #: The validated K-FAC distribution options.
         self.kfac_options = options
 
-    @property
-    def kfac_reduce_every_update(self) -> bool:
-        """``kfac_options.reduce_every_update``."""
-        return self.kfac_options.reduce_every_update
-
-    @property
-    def kfac_pack_triangular(self) -> bool:
-        """``kfac_options.pack_triangular``."""
-        return self.kfac_options.pack_triangular
-
-    @property
-    def kfac_precondition_mode(self) -> str:
-        """``kfac_options.precondition_mode``."""
-        return self.kfac_options.precondition_mode
-
-    @property
-    def kfac_bucket_cap_mb(self) -> float:
-        """``kfac_options.bucket_cap_mb``."""
-        return self.kfac_options.bucket_cap_mb
-
     def setup(self, trainer: pl.Trainer) -> None:
         """Lightning's DDP set-up; warns if no ``KFACCallback`` would use this strategy."""
         super().setup(trainer)

@@ -263,9 +263,9 @@ def test_strategy_options_are_normalised():
         precondition_mode="owner",
         bucket_cap_mb=0.5,
     )
-    assert type(strategy.kfac_bucket_cap_mb) is float
-    assert strategy.kfac_pack_triangular is False and strategy.kfac_reduce_every_update is True
-    assert strategy.kfac_precondition_mode == "owner"
+    options = strategy.kfac_options
+    assert type(options.bucket_cap_mb) is float
+    assert options.pack_triangular is False and options.reduce_every_update is True
     assert KFACDDPStrategy().kfac_options == DataParallelOptions()
 
 
