@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -21,12 +21,24 @@ from lightning_kfac.discovery import discover, summary_table
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.engine import KFACEngine, StepStats
 from lightning_kfac.options import (
+    Damping,
+    DampingMethod,
+    FactorDecay,
+    FactorDtype,
+    FactorUpdateFreq,
+    InvUpdateFreq,
     KFACOptions,
+    KLClip,
+    LogEveryNSteps,
+    LossReduction,
+    LossTerms,
+    Momentum,
+    ProgressBarMetric,
+    Staleness,
     check_bool,
     check_int_at_least,
     check_str_list,
 )
-from lightning_kfac.schedules import Schedule
 
 #: Metrics logged under ``kfac/``: the damping, the KL-clip scale nu, the number of
 #: registered layers, host milliseconds in factor updates and in decompositions this step,
@@ -97,22 +109,22 @@ class KFACCallback(Callback):
 
     def __init__(
         self,
-        damping: Schedule = 1e-2,
-        factor_decay: Schedule = 0.95,
-        factor_update_freq: int = 1,
-        inv_update_freq: int = 10,
-        kl_clip: Schedule | None = 1e-3,
-        damping_method: Literal["exact", "factored"] = "exact",
-        loss_reduction: Literal["mean", "sum"] = "mean",
-        momentum: Schedule | None = None,
+        damping: Damping | Callable[[int], float] = 1e-2,
+        factor_decay: FactorDecay | Callable[[int], float] = 0.95,
+        factor_update_freq: FactorUpdateFreq = 1,
+        inv_update_freq: InvUpdateFreq = 10,
+        kl_clip: KLClip | Callable[[int], float] | None = 1e-3,
+        damping_method: DampingMethod = "exact",
+        loss_reduction: LossReduction = "mean",
+        momentum: Momentum | Callable[[int], float] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = (),
-        factor_dtype: Literal["auto", "float32", "float64"] = "auto",
-        staleness: int = 0,
+        factor_dtype: FactorDtype = "auto",
+        staleness: Staleness = 0,
         verbose: bool = True,
-        log_every_n_steps: int | None = None,
-        progress_bar: Sequence[str] | None = (),
-        loss_terms: Literal["examples", "positions", "elements"] | float | Callable = "examples",
+        log_every_n_steps: LogEveryNSteps | None = None,
+        progress_bar: Sequence[ProgressBarMetric] | None = (),
+        loss_terms: LossTerms | Callable[[Any], float] = "examples",
         batch_size: Callable[[Any], int] | None = None,
         block_types: Mapping[type[nn.Module], Callable[[nn.Module], Any]] | None = None,
     ) -> None:

@@ -6,11 +6,12 @@ Python ``float``/``int``; bools are never accepted where a number is expected.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
@@ -330,3 +331,113 @@ class DataParallelOptions:
             "precondition_mode", self.precondition_mode, PRECONDITION_MODES
         )
         self.bucket_cap_mb = check_real("bucket_cap_mb", self.bucket_cap_mb, above=0.0)
+
+
+# -- parse-time types for LightningCLI ---------------------------------------------------
+#
+# ``KFACCallback`` and ``KFACDDPStrategy`` annotate their options with the names below, so
+# that LightningCLI (jsonargparse) rejects a bad value while it parses the config, with the
+# one-line message the constructor would raise (``damping must be a positive finite number,
+# got -0.01``). To type checkers each name is the plain type (float, int, a Literal). At run
+# time, with jsonargparse installed, it is a marker class registered with jsonargparse whose
+# (de)serialiser is the option's check; without jsonargparse (an optional extra, never
+# required) it is the plain type. Rules between options (``inv_update_freq`` a multiple of
+# ``factor_update_freq``) are checked by the constructors only.
+
+try:
+    from jsonargparse.typing import register_type as _register_type
+except ImportError:  # pragma: no cover - jsonargparse is optional
+    _register_type = None
+
+
+def _cli_type(name: str, plain: Any, check: Callable[[Any], Any], parse: type = str) -> Any:
+    """``plain`` without jsonargparse; with it, a class registered to be checked by ``check``.
+
+    ``parse`` converts a string (a value given on the command line) before the check.
+    """
+    if _register_type is None:
+        return plain
+
+    def checked(value: Any) -> Any:
+        if isinstance(value, str) and parse is not str:
+            with contextlib.suppress(ValueError):  # the check names the option then
+                value = parse(value)
+        return check(value)
+
+    doc = f"``{plain}`` checked when LightningCLI parses a config (see ``lightning_kfac.options``)."
+    marker = type(name, (), {"__module__": __name__, "__doc__": doc})
+    _register_type(marker, serializer=checked, deserializer=checked)
+    return marker
+
+
+def _loss_terms(value: Any) -> str | float:
+    if isinstance(value, str):
+        return check_choice("loss_terms", value, LOSS_TERMS)
+    alternative = f", one of {LOSS_TERMS} or a callable of the batch"
+    return check_real("loss_terms", value, above=0.0, alternative=alternative)
+
+
+def _metric(value: Any) -> str:
+    from lightning_kfac.callback import METRICS  # the callback imports this module
+
+    return check_choice("progress_bar", value, METRICS)
+
+
+if TYPE_CHECKING:
+    Damping: TypeAlias = float
+    FactorDecay: TypeAlias = float
+    KLClip: TypeAlias = float
+    Momentum: TypeAlias = float
+    FactorUpdateFreq: TypeAlias = int
+    InvUpdateFreq: TypeAlias = int
+    Staleness: TypeAlias = int
+    LogEveryNSteps: TypeAlias = int
+    DampingMethod: TypeAlias = Literal["exact", "factored"]
+    LossReduction: TypeAlias = Literal["mean", "sum"]
+    FactorDtype: TypeAlias = Literal["auto", "float32", "float64"]
+    LossTerms: TypeAlias = Literal["examples", "positions", "elements"] | float
+    ProgressBarMetric: TypeAlias = str
+    PreconditionMode: TypeAlias = Literal["shared", "owner"]
+    BucketCapMB: TypeAlias = float
+else:
+    Damping = _cli_type("Damping", float, check_damping, float)
+    FactorDecay = _cli_type("FactorDecay", float, check_factor_decay, float)
+    KLClip = _cli_type("KLClip", float, check_kl_clip, float)
+    Momentum = _cli_type("Momentum", float, check_momentum, float)
+    FactorUpdateFreq = _cli_type(
+        "FactorUpdateFreq", int, lambda v: check_int_at_least("factor_update_freq", v, 1), int
+    )
+    InvUpdateFreq = _cli_type(
+        "InvUpdateFreq", int, lambda v: check_int_at_least("inv_update_freq", v, 1), int
+    )
+    Staleness = _cli_type("Staleness", int, lambda v: check_int_at_least("staleness", v, 0), int)
+    LogEveryNSteps = _cli_type(
+        "LogEveryNSteps", int, lambda v: check_int_at_least("log_every_n_steps", v, 0), int
+    )
+    DampingMethod = _cli_type(
+        "DampingMethod",
+        Literal["exact", "factored"],
+        lambda v: check_choice("damping_method", v, DAMPING_METHODS),
+    )
+    LossReduction = _cli_type(
+        "LossReduction",
+        Literal["mean", "sum"],
+        lambda v: check_choice("loss_reduction", v, LOSS_REDUCTIONS),
+    )
+    FactorDtype = _cli_type(
+        "FactorDtype",
+        Literal["auto", "float32", "float64"],
+        lambda v: check_choice("factor_dtype", v, FACTOR_DTYPE_CHOICES),
+    )
+    LossTerms = _cli_type(
+        "LossTerms", Literal["examples", "positions", "elements"] | float, _loss_terms, float
+    )
+    ProgressBarMetric = _cli_type("ProgressBarMetric", str, _metric)
+    PreconditionMode = _cli_type(
+        "PreconditionMode",
+        Literal["shared", "owner"],
+        lambda v: check_choice("kfac_precondition_mode", v, PRECONDITION_MODES),
+    )
+    BucketCapMB = _cli_type(
+        "BucketCapMB", float, lambda v: check_real("kfac_bucket_cap_mb", v, above=0.0), float
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_kfac.callback import KFACCallback
 from lightning_kfac.communication import Collectives
 from lightning_kfac.distribution import DataParallelDistribution
-from lightning_kfac.options import DataParallelOptions
+from lightning_kfac.options import BucketCapMB, DataParallelOptions, PreconditionMode
 
 #: How long ``teardown`` yields the GIL to gloo's worker threads.
 _GLOO_RELEASE_SECONDS = 0.2
@@ -62,8 +62,8 @@ class KFACDDPStrategy(DDPStrategy):
         *args: Any,
         kfac_reduce_every_update: bool = False,
         kfac_pack_triangular: bool = True,
-        kfac_precondition_mode: Literal["shared", "owner"] = "shared",
-        kfac_bucket_cap_mb: float = 25.0,
+        kfac_precondition_mode: PreconditionMode = "shared",
+        kfac_bucket_cap_mb: BucketCapMB = 25.0,
         **kwargs: Any,
     ) -> None:
         try:
