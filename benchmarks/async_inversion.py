@@ -1,7 +1,7 @@
 """Synchronous vs asynchronous (stale) decompositions: the per-step time distribution.
 
-    python benchmarks/async_inversion.py            # table + docs/img/async_step_times.png
-    python benchmarks/async_inversion.py --quick    # a smoke test
+    python -m benchmarks.async_inversion            # table + docs/img/async_step_times.png
+    python -m benchmarks.async_inversion --quick    # a smoke test
 
 The model is a stack of wide-narrow Linear layers (input factors of side ``--width`` + 1
 and 2 * ``--width`` + 1), so that eigendecompositions dominate the inversion steps while
@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from plotting import pyplot, save
 from torch import nn
 
+from benchmarks.plotting import pyplot, save
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
 from lightning_kfac.options import KFACOptions

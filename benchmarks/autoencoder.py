@@ -1,7 +1,7 @@
 """A deep autoencoder, the classic K-FAC test problem, on scikit-learn's digits.
 
-    python benchmarks/autoencoder.py            # table + docs/img/autoencoder.png
-    python benchmarks/autoencoder.py --quick    # a smoke test
+    python -m benchmarks.autoencoder            # table + docs/img/autoencoder.png
+    python -m benchmarks.autoencoder --quick    # a smoke test
 
 The 1797 8x8 digits (scaled to [0, 1]) are encoded through 64-256-128-64-32-16 and decoded
 back (tanh layers, sigmoid cross-entropy reconstruction loss, as in Martens & Grosse's
@@ -20,11 +20,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from plotting import pyplot, save
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.plotting import pyplot, save
 from lightning_kfac import KFACCallback
 
 WIDTHS = [64, 256, 128, 64, 32, 16]

@@ -1,7 +1,7 @@
 """Large-batch scaling on MNIST-1D: steps to a target accuracy against batch size.
 
-    python benchmarks/batch_scaling.py            # table + docs/img/batch_scaling.png
-    python benchmarks/batch_scaling.py --quick    # a smoke test
+    python -m benchmarks.batch_scaling            # table + docs/img/batch_scaling.png
+    python -m benchmarks.batch_scaling --quick    # a smoke test
 
 For every batch size (64 to 2048) and optimizer, a small learning-rate sweep trains the
 MNIST-1D baseline CNN until its test accuracy reaches ``--target`` (checked every
@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-from mnist1d_kfac import train
-from plotting import pyplot, save
+from benchmarks.plotting import pyplot, save
+from examples.mnist1d_kfac import train
 
 GRID = {
     "SGD": (dict(optimizer="sgd"), [0.05, 0.2]),

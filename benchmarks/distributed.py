@@ -1,7 +1,7 @@
 """Distributed K-FAC cost: per-step time, K-FAC bytes per step, time in decompositions.
 
-    python benchmarks/distributed.py            # MLP and CNN, 1 and 2 CPU ranks (gloo)
-    python benchmarks/distributed.py --quick    # a smoke test
+    python -m benchmarks.distributed            # MLP and CNN, 1 and 2 CPU ranks (gloo)
+    python -m benchmarks.distributed --quick    # a smoke test
 
 Each configuration trains for ``--steps`` optimizer steps at a fixed global batch (one
 rank: the whole batch; two ranks: half each), one thread per rank, with the engine and the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import socket
 import statistics
 import time
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from lightning_kfac.communication import Collectives
+from lightning_kfac.communication import Collectives, free_port
 from lightning_kfac.discovery import discover
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.engine import KFACEngine
@@ -138,12 +137,6 @@ def worker(rank: int, world: int, port: int, args, model_name: str, kfac: bool, 
         # Skip interpreter teardown: destroying a gloo process group still referenced by
         # DDP's reducer can deadlock (its destructor joins a thread that needs the GIL).
         os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args, model_name: str, world: int, kfac: bool, options):

@@ -1,7 +1,7 @@
 """Per-step overhead of K-FAC against SGD and Adam, measured side by side in one run.
 
-    python benchmarks/overhead.py            # prints a table
-    python benchmarks/overhead.py --quick    # a smoke test
+    python -m benchmarks.overhead            # prints a table
+    python -m benchmarks.overhead --quick    # a smoke test
 
 Models: the MNIST-1D baseline CNN (batch 100), a deep narrow MLP (17 Linear layers of
 width 32, batch 64) and an MLP 256-512-512-10 (batch 256), each
@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-from mnist1d_kfac import MNIST1DClassifier
-
+from examples.mnist1d_kfac import MNIST1DClassifier
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
 from lightning_kfac.options import KFACOptions

@@ -1,7 +1,7 @@
 """Time to accuracy on MNIST-1D: SGD with momentum, Adam and K-FAC, each with a small sweep.
 
-    python benchmarks/time_to_accuracy.py           # table + docs/img/time_to_accuracy.png
-    python benchmarks/time_to_accuracy.py --quick   # a smoke test
+    python -m benchmarks.time_to_accuracy           # table + docs/img/time_to_accuracy.png
+    python -m benchmarks.time_to_accuracy --quick   # a smoke test
 
 Every configuration trains the MNIST-1D baseline CNN (``examples/mnist1d_kfac.py``) with a
 real Lightning Trainer for ``--steps`` steps at batch 100, for each seed, measuring test
@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
-
-from mnist1d_kfac import train
-from plotting import pyplot, save
+from benchmarks.plotting import pyplot, save
+from examples.mnist1d_kfac import train
 
 #: optimizer -> (base config, learning-rate grid). K-FAC uses SGD with momentum 0.9 and
 #: damping 1e-2 (the example's setting); only the learning rate is swept for every optimizer.

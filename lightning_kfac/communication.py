@@ -6,6 +6,7 @@ tensors without an error). Symmetric matrices travel as their upper triangle.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -126,3 +127,11 @@ class Collectives:
         out: list = [None] * self.world_size
         dist.all_gather_object(out, obj, group=self.group)
         return out
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a local process group's ``MASTER_PORT``
+    (launching ranks by hand with ``torch.multiprocessing``; Lightning picks its own)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,17 +13,11 @@ from torch import nn
 from lightning_kfac.assignment import greedy_assignment
 from lightning_kfac.blocks import LinearBlock
 from lightning_kfac.capture import CapturedFactors
-from lightning_kfac.communication import buckets, pack, unpack
+from lightning_kfac.communication import buckets, free_port, pack, unpack
 from lightning_kfac.distribution import DataParallelDistribution
 from lightning_kfac.factors import update_running
 from lightning_kfac.options import DataParallelOptions
 from tests.helpers import loads
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_ranks(fn, *args, world_size: int = 2) -> None:

@@ -1,0 +1,1 @@
+"""Examples (runnable as scripts); benchmarks import their models from here."""
