@@ -139,3 +139,75 @@ class SymmetricEigenMethod(DecompositionMethod):
 
 
 SYMMETRIC_EIGEN = SymmetricEigenMethod()
+
+
+def _finite(matrices: Sequence[Tensor]) -> list[bool]:
+    """Whether each of ``matrices`` is finite, with one host read."""
+    return torch.isfinite(torch.stack([matrix.sum() for matrix in matrices])).tolist()
+
+
+@dataclass
+class Diagonal:
+    """``F = diag(values)`` per group: a diagonal factor kept as its diagonal.
+
+    Attributes:
+        values: ``(groups, d)``, clipped to be non-negative (the eigenvalues).
+    """
+
+    values: Tensor
+
+    @property
+    def mean_eigenvalue(self) -> Tensor:
+        """``tr(F) / d`` per group, ``(groups,)``."""
+        return self.values.mean(dim=-1)
+
+    def tensors(self) -> tuple[Tensor]:
+        """The tensors that make up the decomposition, in wire order."""
+        return (self.values,)
+
+
+class DiagonalMethod(DecompositionMethod):
+    """Diagonal factors stored as vectors ``(groups, d)``: their entries are the eigenvalues,
+    so there is nothing to decompose (a copy, clipped at zero). A non-finite factor fails."""
+
+    def decompose(self, matrices: Sequence[Tensor], damping: float) -> list[Outcome]:
+        return [
+            (Diagonal(matrix.clamp_min(0.0)), DecompositionReport("ok"))
+            if finite
+            else (None, DecompositionReport("failed"))
+            for matrix, finite in zip(matrices, _finite(matrices))
+        ]
+
+
+DIAGONAL = DiagonalMethod()
+
+
+@dataclass
+class SmallMatrix:
+    """A small factor kept as it is, for blocks that invert it in closed form.
+
+    Attributes:
+        matrix: ``(groups, d, d)`` (the scale-and-shift blocks' ``2 x 2`` or ``1 x 1``).
+    """
+
+    matrix: Tensor
+
+    def tensors(self) -> tuple[Tensor]:
+        """The tensors that make up the decomposition, in wire order."""
+        return (self.matrix,)
+
+
+class AsIsMethod(DecompositionMethod):
+    """Small factors that the block inverts in closed form: kept as they are (a copy). A
+    non-finite factor fails."""
+
+    def decompose(self, matrices: Sequence[Tensor], damping: float) -> list[Outcome]:
+        return [
+            (SmallMatrix(matrix.clone()), DecompositionReport("ok"))
+            if finite
+            else (None, DecompositionReport("failed"))
+            for matrix, finite in zip(matrices, _finite(matrices))
+        ]
+
+
+AS_IS = AsIsMethod()

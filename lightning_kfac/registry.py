@@ -1,4 +1,8 @@
-"""Which curvature block a module class gets: an open table with a per-fit override."""
+"""Which curvature block a module class gets: an open table with a per-fit override.
+
+Defaults: Linear and Conv1d/2d/3d (dense Kronecker), Embedding (diagonal input factor),
+LayerNorm, GroupNorm, BatchNorm1d/2d/3d and RMSNorm (scale-and-shift).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,13 @@ from torch import nn
 
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.curvature import CurvatureBlock
+from lightning_kfac.embedding import EmbeddingBlock
+from lightning_kfac.normalization import (
+    BatchNormBlock,
+    GroupNormBlock,
+    LayerNormBlock,
+    RMSNormBlock,
+)
 
 #: Builds the block of one module; raises TypeError for a module it cannot handle (the
 #: message becomes the reason in the fit-start summary).
@@ -18,6 +29,13 @@ _BLOCK_TYPES: dict[type[nn.Module], BlockFactory] = {
     nn.Conv1d: ConvBlock,
     nn.Conv2d: ConvBlock,
     nn.Conv3d: ConvBlock,
+    nn.Embedding: EmbeddingBlock,
+    nn.LayerNorm: LayerNormBlock,
+    nn.GroupNorm: GroupNormBlock,
+    nn.BatchNorm1d: BatchNormBlock,
+    nn.BatchNorm2d: BatchNormBlock,
+    nn.BatchNorm3d: BatchNormBlock,
+    nn.RMSNorm: RMSNormBlock,
 }
 
 

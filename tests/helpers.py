@@ -236,3 +236,58 @@ class DiagonalLinearBlock(CurvatureBlock):
     def precondition(self, gradient, decompositions, damping, method):
         curvature = decompositions["g"].values.mT * decompositions["a"].values  # (out, in)
         return gradient / (curvature + damping)
+
+
+# -- embeddings and normalisation layers ------------------------------------------------------
+
+
+def token_data(n: int = 192, length: int = 5, vocab: int = 12, seed: int = 0):
+    """Token sequences (index 0 is padding, at the end of some) and a class from which
+    tokens they hold."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, vocab, (n, length), generator=generator)
+    pads = torch.randint(0, 3, (n,), generator=generator)
+    for row, pad in enumerate(pads.tolist()):
+        if pad:
+            x[row, length - pad :] = 0
+    small = ((x > 0) & (x < vocab // 3)).sum(1)
+    large = (x >= 2 * vocab // 3).sum(1)
+    y = (small > large).long() + (small == large).long() * 2
+    return TensorDataset(x, y)
+
+
+class TokenNet(nn.Module):
+    """Embedding -> LayerNorm -> mean over tokens -> Linear -> BatchNorm1d -> ReLU -> Linear.
+
+    ``ghost_batches`` > 1 runs the BatchNorm on interleaved parts of the batch (examples
+    i, i + k, ...), which is what each of k ranks sees of a batch split by
+    ``InterleavedData``: one process then computes what k ranks do.
+    """
+
+    def __init__(
+        self, vocab: int = 12, dim: int = 8, hidden: int = 16, classes: int = 3, ghost_batches=1
+    ) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.hidden = nn.Linear(dim, hidden)
+        self.batch_norm = nn.BatchNorm1d(hidden)
+        self.head = nn.Linear(hidden, classes)
+        self.ghost_batches = ghost_batches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(self.norm(self.embedding(x)).mean(1))
+        k = self.ghost_batches
+        if k == 1:
+            h = self.batch_norm(h)
+        else:
+            parts = [self.batch_norm(h[i::k]) for i in range(k)]
+            h = torch.stack(parts, dim=1).reshape(h.shape)  # rows back in batch order
+        return self.head(torch.relu(h))
+
+
+class AssertReplicasIdentical(L.Callback):
+    """After every training batch, assert the parameters are bitwise equal on every rank."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        assert replicas_identical(pl_module), "replicas drifted"

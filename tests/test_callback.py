@@ -70,9 +70,7 @@ def test_factors_are_registered_by_name_and_shape():
 
 def test_unsupported_layer_keeps_raw_gradient_and_registered_layers_change():
     torch.manual_seed(1)
-    net = nn.Sequential(
-        nn.Linear(12, 16), nn.LayerNorm(16), nn.ReLU(inplace=True), nn.Linear(16, 3)
-    )
+    net = nn.Sequential(nn.Linear(12, 16), nn.PReLU(16), nn.ReLU(inplace=True), nn.Linear(16, 3))
     before, after = GradientProbe(), GradientProbe()
     fit(
         Classifier(net),
@@ -82,7 +80,6 @@ def test_unsupported_layer_keeps_raw_gradient_and_registered_layers_change():
     )
     for raw, new in zip(before.grads, after.grads):
         torch.testing.assert_close(new["net.1.weight"], raw["net.1.weight"], rtol=0, atol=0)
-        torch.testing.assert_close(new["net.1.bias"], raw["net.1.bias"], rtol=0, atol=0)
         assert not torch.allclose(new["net.0.weight"], raw["net.0.weight"])
         assert not torch.allclose(new["net.3.weight"], raw["net.3.weight"])
 

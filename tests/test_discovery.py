@@ -28,11 +28,11 @@ class Scaled(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(2))
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2))
-        self.frozen_norm = nn.BatchNorm1d(2).requires_grad_(False)
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 2))
+        self.frozen = nn.PReLU(2).requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.frozen_norm(self.body(x)) * self.scale
+        return self.frozen(self.body(x)) * self.scale
 
 
 class Attention(nn.Module):
@@ -54,7 +54,7 @@ def test_only_leaf_layers_are_unsupported_and_containers_report_their_own_parame
     found = discover(Scaled())
     assert set(found.blocks) == {"body.0", "body.2"}
     got = reasons(found)
-    assert set(got) == {"", "body.1"}  # no Sequential, and the frozen BatchNorm is not worth it
+    assert set(got) == {"", "body.1"}  # no Sequential, and the frozen PReLU is not worth it
     assert got["body.1"] == "unsupported layer type"
     assert "container" in got[""] and "scale" in got[""]
     assert "<root> (Scaled)" in summary_table(found)
@@ -173,20 +173,20 @@ def test_every_plain_module_with_trainable_parameters_is_listed_exactly_once():
         layer = name.split(".parametrizations")[0]  # the originals are reported with their layer
         all_preconditioned = all(id(p) in preconditioned for p in trainable)
         assert all_preconditioned != (layer in listed), name
-    assert set(found.blocks) == {"3", "0.body.0", "0.body.2", "1.head"}
+    assert set(found.blocks) == {"2", "3", "0.body.0", "0.body.2", "1.head"}
 
 
 def test_plain_parameter_count():
     net = mlp()
-    net.insert(1, nn.LayerNorm(8))  # 16 parameters
+    net.insert(1, nn.PReLU(8))  # 8 parameters
     net[0].bias.requires_grad_(False)  # frozen: not counted
     found = discover(net, exclude=["5"])  # Linear(8, 2): 18 parameters
-    assert found.plain_parameter_count == 16 + 18
-    assert "34 trainable parameters" in summary_table(found)
+    assert found.plain_parameter_count == 8 + 18
+    assert "26 trainable parameters" in summary_table(found)
 
 
 def test_summary_table_columns_and_factor_shapes():
-    model = nn.Sequential(nn.Linear(4, 3), nn.Conv2d(4, 8, 3, groups=2), nn.LayerNorm(3))
+    model = nn.Sequential(nn.Linear(4, 3), nn.Conv2d(4, 8, 3, groups=2), nn.PReLU(3))
     table = summary_table(discover(model))
     lines = table.splitlines()
     assert lines[0] == "K-FAC registered layers (2):"
@@ -203,7 +203,7 @@ def test_summary_table_columns_and_factor_shapes():
         "ConvBlock",
         "A 2 x 19x19, G 2 x 4x4",
     ]
-    assert "  2 (LayerNorm): unsupported layer type" in lines
+    assert "  2 (PReLU): unsupported layer type" in lines
 
 
 class DictBlock:
