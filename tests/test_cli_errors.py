@@ -194,3 +194,16 @@ def test_lightning_kfac_imports_without_jsonargparse():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "config", sorted(p.name for p in (ROOT / "examples/configs").glob("*.yaml"))
+)
+def test_shipped_configs_log_within_an_epoch(config):
+    """Lightning warns when ``log_every_n_steps`` exceeds the training batches of an epoch."""
+    yaml = pytest.importorskip("yaml")
+    settings = yaml.safe_load((ROOT / "examples/configs" / config).read_text())
+    trainer, data = settings["trainer"], settings.get("data") or {}
+    train_examples = 4000  # MNIST1DDataModule's default: 80% of 5000 sequences
+    batches = train_examples // trainer.get("devices", 1) // data.get("batch_size", 100)
+    assert trainer.get("log_every_n_steps", 50) <= batches, (config, batches)
