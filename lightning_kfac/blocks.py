@@ -23,6 +23,13 @@ class LinearBlock(KroneckerBlock):
         self.in_features = module.in_features
         self.out_features = module.out_features
 
+    def example_major(self, x: Tensor, examples: int) -> Tensor:
+        """A sequence-first ``(T, N, d)`` tensor (torch's recurrent and transformer layout
+        with ``batch_first=False``) as ``(N, T, d)``; anything else as it is."""
+        if x.dim() >= 3 and x.shape[0] != examples and x.shape[1] == examples:
+            return x.transpose(0, 1)
+        return x
+
     def input_rows(self, x: Tensor) -> Tensor:
         return x.reshape(1, -1, self.in_features)
 

@@ -85,6 +85,11 @@ class KFACCallback(Callback):
             (SGD) or ``betas[0]`` (Adam) before every step.
         include: glob patterns of module names to register (default: every supported one).
         exclude: glob patterns of module names never to register.
+        reduce: glob patterns of Linear and Conv layers that use K-FAC-reduce (an example's
+            positions combined before the outer products) instead of the default expand (every
+            position a row). Choose reduce for layers whose positions are pooled into one
+            prediction per example (sequence classification, a ViT classifier) and expand for
+            a loss with one term per position (language modelling, per-pixel losses).
         factor_dtype: the dtype of factors and decompositions: ``"auto"`` (float64 for
             float64 parameters, else float32), ``"float32"`` or ``"float64"``.
         staleness: 0 for synchronous decompositions; s in ``1..inv_update_freq`` computes
@@ -119,6 +124,7 @@ class KFACCallback(Callback):
         momentum: Momentum | Callable[[int], float] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = (),
+        reduce: Sequence[str] | None = (),
         factor_dtype: FactorDtype = "auto",
         staleness: Staleness = 0,
         verbose: bool = True,
@@ -144,6 +150,7 @@ class KFACCallback(Callback):
         patterns = "glob patterns (strings) of module names"
         self.include = None if include is None else check_str_list("include", include, patterns)
         self.exclude = check_str_list("exclude", exclude, patterns)
+        self.reduce = check_str_list("reduce", reduce, patterns)
         self.verbose = check_bool("verbose", verbose)
         self.log_every_n_steps = check_int_at_least(
             "log_every_n_steps", log_every_n_steps, 0, none_ok=True
@@ -207,7 +214,9 @@ class KFACCallback(Callback):
 
     def _register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         lookup = functools.partial(registry.block_type_for, overrides=self.block_types)
-        found = discover(pl_module, self.include, self.exclude, block_type_for=lookup)
+        found = discover(
+            pl_module, self.include, self.exclude, reduce=self.reduce, block_type_for=lookup
+        )
         materialised = bool(self._lazy)  # registering again after the first batch
         self._lazy = found.lazy
         if self.verbose:

@@ -124,6 +124,11 @@ class CurvatureBlock(ABC):
             method: the ``damping_method`` option (``"exact"`` or ``"factored"``).
         """
 
+    @property
+    def kind(self) -> str:
+        """What the fit-start summary calls this block (default: its class name)."""
+        return type(self).__name__
+
     def batch_key(self) -> Hashable:
         """Blocks with equal keys are preconditioned together by one ``operator`` (default:
         none share, each block is its own batch)."""
@@ -170,13 +175,21 @@ class KroneckerBlock(CurvatureBlock):
     gradient rows ``g``. The combined gradient is ``V = grad [W | b]``, ``(groups, g, a)``.
     Every quantity carries a leading groups dimension (1 except for grouped convolutions).
 
+    With ``reduce`` (K-FAC-reduce, reference section 8) an example's rows are combined
+    before the outer products: ``A`` from the mean of its input rows, ``G`` from the sum
+    of its output-gradient rows, so that every example is one row. Right when the layer's
+    positions are pooled into one prediction per example; the default, expand, treats every
+    position as a row (right for a loss with one term per position).
+
     Attributes:
+        reduce: whether K-FAC-reduce is used (set before the fit starts).
         groups: number of independent ``(A, G)`` pairs.
         has_bias: whether the bias is part of ``[W | b]``.
         in_features: per-group input width without the homogeneous coordinate.
         out_features: per-group output width.
     """
 
+    reduce: bool = False
     groups: int
     has_bias: bool
     in_features: int
@@ -215,13 +228,40 @@ class KroneckerBlock(CurvatureBlock):
             "G": (self.groups, self.g_dim, self.g_dim),
         }
 
+    def example_major(self, x: Tensor, examples: int) -> Tensor:
+        """``x`` (an input or an output gradient) with its example dimension first, as
+        K-FAC-reduce needs (default: already first)."""
+        return x
+
     def capture_input(self, x: Tensor, examples: int) -> tuple[dict[str, Tensor], int, Any]:
-        rows = self.input_rows(x)
-        return {"A": gram(rows, self.has_bias)}, rows.shape[1], None
+        if not self.reduce:
+            rows = self.input_rows(x)
+            return {"A": gram(rows, self.has_bias)}, rows.shape[1], None
+        rows = self.input_rows(self.example_major(x, examples))
+        rows = self._per_example(rows, examples).mean(dim=2)
+        return {"A": gram(rows, self.has_bias)}, examples, examples
 
     def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
-        rows = self.output_rows(grad_output)
+        if not self.reduce:
+            rows = self.output_rows(grad_output)
+        else:
+            rows = self.output_rows(self.example_major(grad_output, context))
+            rows = self._per_example(rows, context).sum(dim=2)
         return {"G": rows.mT @ rows}
+
+    def _per_example(self, rows: Tensor, examples: int) -> Tensor:
+        """``(groups, N * S, d)`` rows, example-major, as ``(groups, N, S, d)``."""
+        groups, count, width = rows.shape
+        if not examples or count % examples:
+            raise ValueError(
+                f"K-FAC-reduce: {type(self.module).__name__} saw {count} rows for {examples} "
+                "examples; its input must be (N, ..., features) or (T, N, features)"
+            )
+        return rows.reshape(groups, examples, count // examples, width)
+
+    @property
+    def kind(self) -> str:
+        return f"{type(self).__name__} (reduce)" if self.reduce else type(self).__name__
 
     def decomposition_shapes(self, key: str) -> tuple[tuple[int, ...], ...]:
         groups, d, _ = self.factor_shapes()[key]

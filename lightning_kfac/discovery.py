@@ -16,7 +16,7 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from lightning_kfac import registry
-from lightning_kfac.curvature import CurvatureBlock
+from lightning_kfac.curvature import CurvatureBlock, KroneckerBlock
 from lightning_kfac.registry import BlockFactory
 
 #: The lookup from a module to the factory of its block (None if unsupported).
@@ -86,6 +86,12 @@ class Discovery:
             shown += ", ..."
         messages = []
         for kind, pattern in self.unmatched_patterns:
+            if kind == "reduce":
+                messages.append(
+                    f"K-FAC: reduce pattern {pattern!r} matches no registered Linear or Conv "
+                    "layer; every layer keeps expand"
+                )
+                continue
             message = f"K-FAC: {kind} pattern {pattern!r} matches no module"
             if any(name.startswith(f"{pattern}.") for name in names):
                 message += f" (patterns match full module names: did you mean '{pattern}.*'?)"
@@ -110,6 +116,7 @@ def discover(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = (),
     *,
+    reduce: Sequence[str] = (),
     block_type_for: BlockTypeFor = registry.block_type_for,
 ) -> Discovery:
     """Register every supported layer of ``model``.
@@ -119,6 +126,8 @@ def discover(
         include: glob patterns (``fnmatch``, e.g. ``"encoder.*"``); if given, only matching
             modules are registered.
         exclude: glob patterns of modules never registered (None: none).
+        reduce: glob patterns of Linear and Conv layers that use K-FAC-reduce (their
+            positions pooled into one prediction per example) instead of expand.
         block_type_for: the lookup from a module to its block class (called as
             ``block_type_for(module)``, None if unsupported).
 
@@ -174,6 +183,9 @@ def discover(
                 blocks[name] = block_type(module)
             except TypeError as error:
                 reason = str(error)
+        block = blocks.get(name)
+        if isinstance(block, KroneckerBlock) and any(fnmatchcase(name, p) for p in reduce):
+            block.reduce = True
         if reason:
             skipped.append(Skipped(name, type(module).__name__, reason))
 
@@ -182,6 +194,12 @@ def discover(
         for kind, patterns in (("include", include or []), ("exclude", exclude))
         for pattern in dict.fromkeys(patterns)
         if not any(fnmatchcase(name, pattern) for name in layer_names)
+    ]
+    reducible = [n for n, b in blocks.items() if isinstance(b, KroneckerBlock)]
+    unmatched += [
+        ("reduce", pattern)
+        for pattern in dict.fromkeys(reduce)
+        if not any(fnmatchcase(name, pattern) for name in reducible)
     ]
     preconditioned = {id(p) for block in blocks.values() for p in block.parameters()}
     plain = sum(
@@ -245,9 +263,10 @@ def _parametrized_names(module: nn.Module) -> str:
 
 def _shape_text(shape: Sequence[int]) -> str:
     shape = tuple(shape)
-    if len(shape) == 3:
+    if len(shape) in (2, 3):  # (groups, d): a diagonal kept as a vector; (groups, d, d)
         groups = f"{shape[0]} x " if shape[0] > 1 else ""
-        return f"{groups}{shape[1]}x{shape[2]}"
+        body = f"diag {shape[1]}" if len(shape) == 2 else f"{shape[1]}x{shape[2]}"
+        return groups + body
     return "x".join(str(size) for size in shape)
 
 
@@ -260,7 +279,7 @@ def summary_table(discovery: Discovery) -> str:
     """A text table of the registered layers, then the skipped ones and unmatched patterns."""
     rows = [("Name", "Type", "Kind", "Factors")]
     rows += [
-        (name or "<root>", type(block.module).__name__, type(block).__name__, _factors_text(block))
+        (name or "<root>", type(block.module).__name__, block.kind, _factors_text(block))
         for name, block in discovery.blocks.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
