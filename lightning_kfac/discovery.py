@@ -201,6 +201,8 @@ def discover(
         for pattern in dict.fromkeys(reduce)
         if not any(fnmatchcase(name, pattern) for name in reducible)
     ]
+    for name, reason in _tied(model, blocks).items():
+        skipped.append(Skipped(name, type(blocks.pop(name).module).__name__, reason))
     preconditioned = {id(p) for block in blocks.values() for p in block.parameters()}
     plain = sum(
         p.numel()
@@ -210,6 +212,33 @@ def discover(
         and not isinstance(p, UninitializedParameter)
     )
     return Discovery(blocks, skipped, unmatched, lazy, layer_names, plain)
+
+
+def _tied(model: nn.Module, blocks: Mapping[str, CurvatureBlock]) -> dict[str, str]:
+    """Blocks holding a parameter that another module also owns (tied weights, such as an
+    embedding and its output head), with the reason they stay plain: the parameter's
+    gradient sums every use, and one layer's factors describe only its own."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    reasons = {}
+    for name, block in blocks.items():
+        inside = f"{name}." if name else ""
+        others = sorted(
+            {
+                owner
+                for p in block.parameters()
+                for owner in owners.get(id(p), [])
+                if owner != name and not (inside and owner.startswith(inside))
+            }
+        )
+        if others:
+            reasons[name] = (
+                f"shares a parameter with {', '.join(others)} (tied weights): its gradient "
+                "holds every use, so this layer's factors alone would be wrong; plain gradient"
+            )
+    return reasons
 
 
 def _reason(
@@ -279,7 +308,12 @@ def summary_table(discovery: Discovery) -> str:
     """A text table of the registered layers, then the skipped ones and unmatched patterns."""
     rows = [("Name", "Type", "Kind", "Factors")]
     rows += [
-        (name or "<root>", type(block.module).__name__, block.kind, _factors_text(block))
+        (
+            name or "<root>",
+            type(block.module).__name__,
+            getattr(block, "kind", type(block).__name__),
+            _factors_text(block),
+        )
         for name, block in discovery.blocks.items()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -399,7 +399,7 @@ class KFACEngine:
     def _layers(self) -> dict[str, dict[str, Any]]:
         return {
             name: {
-                "kind": block.kind,
+                "kind": getattr(block, "kind", type(block).__name__),
                 "factors": {k: list(s) for k, s in block.factor_shapes().items()},
             }
             for name, block in self.blocks.items()
