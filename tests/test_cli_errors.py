@@ -171,12 +171,15 @@ def run_example_cli(config: Path) -> subprocess.CompletedProcess:
     ids=["cross-field-rule", "value"],
 )
 def test_example_cli_reports_a_usage_error(settings, message, tmp_path):
-    """examples/cli.py as a user runs it: exit status 2, the message, no traceback."""
+    """examples/cli.py as a user runs it: exit status 2, the message as the one line of
+    stderr (apart from Lightning's seed line), no traceback, no usage block."""
     config = tmp_path / "bad.yaml"
     config.write_text("seed_everything: 0\n" + CALLBACK + settings)
     result = run_example_cli(config)
     assert_usage_error(result.returncode, result.stderr, message)
     assert "Trainer.fit" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Seed set")]
+    assert lines == [f"cli.py: error: {message.removeprefix('error: ')}"], result.stderr
 
 
 def test_lightning_kfac_imports_without_jsonargparse():
