@@ -12,13 +12,20 @@ K (what the loss averages over). A backward pass that does not reach a layer's w
 (frozen, or toggled off by another optimizer) commits nothing for it, and a backward pass
 that starts a layer's gradient afresh (its ``.grad`` is None) drops what the layer had
 committed before, so a layer's factors come from exactly the passes its gradient sums.
+
+A layer that one forward hook on its module cannot observe (``nn.MultiheadAttention``, whose
+projections run inside one functional call) has an ``ObservedBlock``: the block installs
+hooks of its own and reports each ``(input, output)`` pair it sees through an ``Observer``.
+Every such *observation* is pending and committed exactly like one call of a plain layer,
+and an input statistic averages over the rows of the observations that produced it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,12 +60,82 @@ class CapturedFactors:
     examples: int
 
 
+class Observer:
+    """What an ``ObservedBlock``'s hooks report to: one per block, made by the capture."""
+
+    def __init__(self, capture: FactorCapture, name: str, block: ObservedBlock) -> None:
+        self._capture, self._name, self._block = capture, name, block
+
+    def watching(self) -> bool:
+        """Whether an observation made now would be recorded (the capture is armed, grad
+        is enabled and the block's first parameter trains): hooks may skip all work else."""
+        return (
+            self._capture.armed
+            and torch.is_grad_enabled()
+            and self._block.parameters()[0].requires_grad
+        )
+
+    def observe(
+        self, x: Tensor, output: Tensor, tag: Any, *, layer_output: bool, examples: int
+    ) -> None:
+        """Record one observation: ``block.capture_observed(x, N, tag)`` now, and
+        ``block.capture_output`` on the gradient of ``output`` in the backward pass.
+
+        Args:
+            x: the input whose rows the input statistics average over.
+            output: the tensor whose gradient the output statistics take (it must require
+                grad; it is not changed).
+            tag: which part of the layer this is, handed to ``capture_observed``.
+            layer_output: whether ``output`` is the layer's output, counted by
+                ``loss_terms="positions"``/``"elements"`` (the last such one of a pass gives K).
+            examples: the examples this call holds, used as N when the pass does not say.
+        """
+        if not self.watching() or not output.requires_grad:
+            return
+        block = self._block
+        self._capture._record(
+            self._name,
+            block,
+            x,
+            output,
+            lambda rows, n: block.capture_observed(rows, n, tag),
+            layer_output,
+            examples,
+        )
+
+
+class ObservedBlock(CurvatureBlock):
+    """A block whose layer installs its own hooks instead of the capture's forward hook,
+    and may make several observations per call of its module (``Observer.observe``).
+
+    ``capture_input`` is not used: the input statistics of an observation come from
+    ``capture_observed``, its output statistics from ``capture_output`` as for any block.
+    """
+
+    @abstractmethod
+    def install(self, observer: Observer) -> list[RemovableHandle]:
+        """Register the hooks that observe the layer; returns their handles."""
+
+    @abstractmethod
+    def capture_observed(
+        self, x: Tensor, examples: int, tag: Any
+    ) -> tuple[dict[str, Tensor], int, Any]:
+        """``capture_input`` for one observation: from its input (detached, in the factor
+        dtype) ``(statistics summed over rows, number of rows, context)``."""
+
+    def capture_input(self, x: Tensor, examples: int) -> tuple[dict[str, Tensor], int, Any]:
+        raise TypeError(f"{type(self).__name__} is observed through install(), not its input")
+
+
 @dataclass
 class _Sums:
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    #: rows of one pending observation
     rows: int = 0
     outputs: dict[str, Tensor] = field(default_factory=dict)
     examples: int = 0
+    #: committed: the rows behind each input statistic (the observations that made it)
+    input_rows: dict[str, int] = field(default_factory=dict)
 
 
 def _add(total: dict[str, Tensor], part: Mapping[str, Tensor], weight: float = 1.0) -> None:
@@ -124,6 +201,9 @@ class FactorCapture:
         if self._handles:
             return
         for name, block in self.blocks.items():
+            if isinstance(block, ObservedBlock):
+                self._handles += block.install(Observer(self, name, block))
+                continue
             hook = self._forward_hook(name, block)
             self._handles.append(block.module.register_forward_hook(hook, with_kwargs=True))
 
@@ -195,7 +275,8 @@ class FactorCapture:
             committed = self._committed[name]
             for call in calls:
                 _add(committed.inputs, call.inputs)
-                committed.rows += call.rows
+                for key in call.inputs:
+                    committed.input_rows[key] = committed.input_rows.get(key, 0) + call.rows
                 _add(committed.outputs, call.outputs, weight=float(examples * k))
             committed.examples += examples
 
@@ -208,7 +289,7 @@ class FactorCapture:
             sums, self._committed[name] = self._committed[name], _Sums()
             keys = self.blocks[name].factor_shapes()
             if sums.examples and set(sums.inputs) | set(sums.outputs) >= set(keys):
-                factors = {key: value / sums.rows for key, value in sums.inputs.items()}
+                factors = {k: v / sums.input_rows[k] for k, v in sums.inputs.items()}
                 factors |= {key: value / sums.examples for key, value in sums.outputs.items()}
                 result[name] = CapturedFactors(factors, sums.examples)
         self.seconds = 0.0
@@ -238,27 +319,41 @@ class FactorCapture:
                 return
             if not output.requires_grad or not block.parameters()[0].requires_grad:
                 return
-            start = time.perf_counter()
             x = args[0] if args else next(iter(kwargs.values()))
-            if self._examples is None:
-                self._examples = x.shape[0] if x.dim() > 1 else 1
+            examples = x.shape[0] if x.dim() > 1 else 1
+            self._record(name, block, x, output, block.capture_input, True, examples)
+
+        return hook
+
+    def _record(
+        self,
+        name: str,
+        block: CurvatureBlock,
+        x: Tensor,
+        output: Tensor,
+        capture_input: Callable[[Tensor, int], tuple[dict[str, Tensor], int, Any]],
+        layer_output: bool,
+        examples: int,
+    ) -> None:
+        """One call (or observation): its input statistics now, pending; a tensor hook on
+        ``output`` for the output statistics."""
+        start = time.perf_counter()
+        if self._examples is None:
+            self._examples = examples
+        if layer_output:
             positions, elements = self._outputs.get(name, (0, 0))
             self._outputs[name] = (
                 positions + _positions(block, output),
                 elements + output.numel(),
             )
             self._last_name = name
-            with _full_precision(x.device.type):
-                statistics, rows, context = block.capture_input(
-                    x.detach().to(self.dtype), self._examples
-                )
-                call = _Sums(rows=rows)
-                _add(call.inputs, statistics)
-                self._pending[name].append(call)
-            output.register_hook(self._gradient_hook(call, block, context))
-            self.seconds += time.perf_counter() - start
-
-        return hook
+        with _full_precision(x.device.type):
+            statistics, rows, context = capture_input(x.detach().to(self.dtype), self._examples)
+            call = _Sums(rows=rows)
+            _add(call.inputs, statistics)
+            self._pending[name].append(call)
+        output.register_hook(self._gradient_hook(call, block, context))
+        self.seconds += time.perf_counter() - start
 
     def _gradient_hook(self, call: _Sums, block: CurvatureBlock, context: Any):
         def hook(grad: Tensor) -> None:

@@ -1,7 +1,8 @@
 """Which curvature block a module class gets: an open table with a per-fit override.
 
 Defaults: Linear and Conv1d/2d/3d (dense Kronecker), Embedding (diagonal input factor),
-LayerNorm, GroupNorm, BatchNorm1d/2d/3d and RMSNorm (scale-and-shift).
+LayerNorm, GroupNorm, BatchNorm1d/2d/3d and RMSNorm (scale-and-shift), MultiheadAttention
+(one dense Kronecker block per projection).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 from torch import nn
 
+from lightning_kfac.attention import MultiheadAttentionBlock
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.curvature import CurvatureBlock
 from lightning_kfac.embedding import EmbeddingBlock
@@ -36,6 +38,7 @@ _BLOCK_TYPES: dict[type[nn.Module], BlockFactory] = {
     nn.BatchNorm2d: BatchNormBlock,
     nn.BatchNorm3d: BatchNormBlock,
     nn.RMSNorm: RMSNormBlock,
+    nn.MultiheadAttention: MultiheadAttentionBlock,
 }
 
 

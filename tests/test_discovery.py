@@ -12,6 +12,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.discovery import FROZEN_NOTE, Discovery, Skipped, discover, summary_table
+from lightning_kfac.registry import block_type_for
 
 
 def reasons(found: Discovery) -> dict[str, str]:
@@ -121,13 +122,22 @@ def test_parametrized_layers_are_skipped_with_the_reason():
     assert "weight_orig" in got["5"]
 
 
-def test_multihead_attention_out_proj_is_skipped_and_its_own_parameters_reported():
+def test_multihead_attention_is_one_block_covering_its_out_proj():
     found = discover(Attention())
+    assert set(found.blocks) == {"attn", "head"}
+    assert reasons(found) == {}  # out_proj's parameters are the attention block's
+    found = discover(Attention(), exclude=["attn"])
     assert set(found.blocks) == {"head"}
     got = reasons(found)
-    assert got["attn.out_proj"] == (
-        "used functionally by MultiheadAttention (its forward is never called)"
-    )
+    assert got == {
+        "attn": "matched by exclude",
+        "attn.out_proj": "used functionally by MultiheadAttention (its forward is never called)",
+    }
+
+    def without_attention(module):
+        return None if isinstance(module, nn.MultiheadAttention) else block_type_for(module)
+
+    got = reasons(discover(Attention(), block_type_for=without_attention))
     assert "in_proj_weight" in got["attn"] and "MultiheadAttention" in got["attn"]
     assert set(got) == {"attn", "attn.out_proj"}
 
@@ -173,7 +183,7 @@ def test_every_plain_module_with_trainable_parameters_is_listed_exactly_once():
         layer = name.split(".parametrizations")[0]  # the originals are reported with their layer
         all_preconditioned = all(id(p) in preconditioned for p in trainable)
         assert all_preconditioned != (layer in listed), name
-    assert set(found.blocks) == {"2", "3", "0.body.0", "0.body.2", "1.head"}
+    assert set(found.blocks) == {"2", "3", "0.body.0", "0.body.2", "1.attn", "1.head"}
 
 
 def test_plain_parameter_count():
