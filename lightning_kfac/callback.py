@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -39,6 +39,7 @@ from lightning_kfac.options import (
     check_int_at_least,
     check_str_list,
 )
+from lightning_kfac.structure import StructurePolicy
 
 #: Metrics logged under ``kfac/``: the damping, the KL-clip scale nu, the number of
 #: registered layers, host milliseconds in factor updates and in decompositions this step,
@@ -90,6 +91,14 @@ class KFACCallback(Callback):
             position a row). Choose reduce for layers whose positions are pooled into one
             prediction per example (sequence classification, a ViT classifier) and expand for
             a loss with one term per position (language modelling, per-pixel losses).
+        max_factor_size: a factor side of a Linear or Conv layer wider than this (``A``'s
+            ``d_in + 1``, ``G``'s ``d_out``) is stored as ``large_factors`` instead of dense;
+            None keeps every side dense.
+        factor_block_size: the widest block of a block-diagonal side (its blocks are nearly
+            equal, so they decompose in one batched call).
+        large_factors: ``"block-diagonal"`` or ``"diagonal"``.
+        factor_structure: per-layer structures regardless of size, ``{module name pattern:
+            "dense" | "block-diagonal" | "diagonal"}`` or ``{pattern: {"A": ..., "G": ...}}``.
         factor_dtype: the dtype of factors and decompositions: ``"auto"`` (float64 for
             float64 parameters, else float32), ``"float32"`` or ``"float64"``.
         staleness: 0 for synchronous decompositions; s in ``1..inv_update_freq`` computes
@@ -125,6 +134,10 @@ class KFACCallback(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = (),
         reduce: Sequence[str] | None = (),
+        max_factor_size: int | None = 2048,
+        factor_block_size: int = 512,
+        large_factors: Literal["block-diagonal", "diagonal"] = "block-diagonal",
+        factor_structure: Mapping[str, str | Mapping[str, str]] | None = None,
         factor_dtype: FactorDtype = "auto",
         staleness: Staleness = 0,
         verbose: bool = True,
@@ -151,6 +164,9 @@ class KFACCallback(Callback):
         self.include = None if include is None else check_str_list("include", include, patterns)
         self.exclude = check_str_list("exclude", exclude, patterns)
         self.reduce = check_str_list("reduce", reduce, patterns)
+        self.structures = StructurePolicy(
+            max_factor_size, factor_block_size, large_factors, factor_structure or {}
+        )
         self.verbose = check_bool("verbose", verbose)
         self.log_every_n_steps = check_int_at_least(
             "log_every_n_steps", log_every_n_steps, 0, none_ok=True
@@ -215,7 +231,12 @@ class KFACCallback(Callback):
     def _register(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         lookup = functools.partial(registry.block_type_for, overrides=self.block_types)
         found = discover(
-            pl_module, self.include, self.exclude, reduce=self.reduce, block_type_for=lookup
+            pl_module,
+            self.include,
+            self.exclude,
+            reduce=self.reduce,
+            structures=self.structures,
+            block_type_for=lookup,
         )
         materialised = bool(self._lazy)  # registering again after the first batch
         self._lazy = found.lazy

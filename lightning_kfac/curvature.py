@@ -24,7 +24,12 @@ from lightning_kfac.decomposition import (
     DecompositionMethod,
     Eigen,
 )
-from lightning_kfac.preconditioning import damped_inverse_eigenvalues, precondition
+from lightning_kfac.preconditioning import (
+    damped_inverse,
+    damped_inverse_eigenvalues,
+    precondition,
+)
+from lightning_kfac.structure import FactorStructure
 
 #: ``{factor key: decomposition}`` of one block (a key is absent until it first succeeds).
 BlockDecompositions = Mapping[str, Decomposition]
@@ -181,6 +186,10 @@ class KroneckerBlock(CurvatureBlock):
     positions are pooled into one prediction per example; the default, expand, treats every
     position as a row (right for a loss with one term per position).
 
+    Each side is dense by default; ``set_structure`` makes a wide side block-diagonal or
+    diagonal (reference, section 12; see ``lightning_kfac.structure``). Dense blocks of one
+    shape are preconditioned together; a block with another structure on its own.
+
     Attributes:
         reduce: whether K-FAC-reduce is used (set before the fit starts).
         groups: number of independent ``(A, G)`` pairs.
@@ -190,6 +199,8 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     reduce: bool = False
+    _a_structure: FactorStructure | None = None
+    _g_structure: FactorStructure | None = None
     groups: int
     has_bias: bool
     in_features: int
@@ -211,6 +222,34 @@ class KroneckerBlock(CurvatureBlock):
         """Side of the output-gradient factor ``G``."""
         return self.out_features
 
+    @property
+    def a_structure(self) -> FactorStructure:
+        """How ``A`` is stored (dense unless ``set_structure`` said otherwise)."""
+        return self._a_structure or FactorStructure.dense(self.a_dim)
+
+    @property
+    def g_structure(self) -> FactorStructure:
+        """How ``G`` is stored."""
+        return self._g_structure or FactorStructure.dense(self.g_dim)
+
+    @property
+    def dense(self) -> bool:
+        """Whether both sides are dense (keys ``"A"`` and ``"G"``)."""
+        return self.a_structure.kind == "dense" and self.g_structure.kind == "dense"
+
+    def set_structure(
+        self, a: FactorStructure | None = None, g: FactorStructure | None = None
+    ) -> None:
+        """Store ``A`` and/or ``G`` in another structure (before the fit starts)."""
+        for structure, width, side in ((a, self.a_dim, "A"), (g, self.g_dim, "G")):
+            if structure is not None and structure.width != width:
+                raise ValueError(f"{side} structure has width {structure.width}, not {width}")
+        self._a_structure = a if a is not None else self._a_structure
+        self._g_structure = g if g is not None else self._g_structure
+
+    def _structure(self, key: str) -> FactorStructure:
+        return self.a_structure if key.startswith("A") else self.g_structure
+
     @abstractmethod
     def input_rows(self, x: Tensor) -> Tensor:
         """Rows ``a`` from the layer input ``x``: ``(groups, rows, in_features)``."""
@@ -223,10 +262,7 @@ class KroneckerBlock(CurvatureBlock):
         return self._parameters
 
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {
-            "A": (self.groups, self.a_dim, self.a_dim),
-            "G": (self.groups, self.g_dim, self.g_dim),
-        }
+        return self.a_structure.shapes("A", self.groups) | self.g_structure.shapes("G", self.groups)
 
     def example_major(self, x: Tensor, examples: int) -> Tensor:
         """``x`` (an input or an output gradient) with its example dimension first, as
@@ -236,10 +272,17 @@ class KroneckerBlock(CurvatureBlock):
     def capture_input(self, x: Tensor, examples: int) -> tuple[dict[str, Tensor], int, Any]:
         if not self.reduce:
             rows = self.input_rows(x)
-            return {"A": gram(rows, self.has_bias)}, rows.shape[1], None
+            return self._input_statistics(rows), rows.shape[1], None
         rows = self.input_rows(self.example_major(x, examples))
         rows = self._per_example(rows, examples).mean(dim=2)
-        return {"A": gram(rows, self.has_bias)}, examples, examples
+        return self._input_statistics(rows), examples, examples
+
+    def _input_statistics(self, rows: Tensor) -> dict[str, Tensor]:
+        if self.a_structure.kind == "dense":
+            return {"A": gram(rows, self.has_bias)}
+        if self.has_bias:
+            rows = F.pad(rows, (0, 1), value=1.0)
+        return self.a_structure.statistics("A", rows)
 
     def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
         if not self.reduce:
@@ -247,7 +290,7 @@ class KroneckerBlock(CurvatureBlock):
         else:
             rows = self.output_rows(self.example_major(grad_output, context))
             rows = self._per_example(rows, context).sum(dim=2)
-        return {"G": rows.mT @ rows}
+        return self.g_structure.statistics("G", rows)
 
     def _per_example(self, rows: Tensor, examples: int) -> Tensor:
         """``(groups, N * S, d)`` rows, example-major, as ``(groups, N, S, d)``."""
@@ -261,15 +304,26 @@ class KroneckerBlock(CurvatureBlock):
 
     @property
     def kind(self) -> str:
-        return f"{type(self).__name__} (reduce)" if self.reduce else type(self).__name__
+        notes = ["reduce"] if self.reduce else []
+        notes += [
+            f"{side} {structure.describe()}"
+            for side, structure in (("A", self.a_structure), ("G", self.g_structure))
+            if structure.kind != "dense"
+        ]
+        return f"{type(self).__name__} ({', '.join(notes)})" if notes else type(self).__name__
+
+    def decomposition_method(self, key: str) -> DecompositionMethod:
+        return self._structure(key).method()
+
+    def decomposition_cost(self, key: str) -> float:
+        shape = self.factor_shapes()[key]
+        return float(shape[0]) * (shape[-1] if len(shape) == 2 else shape[-1] ** 3)
 
     def decomposition_shapes(self, key: str) -> tuple[tuple[int, ...], ...]:
-        groups, d, _ = self.factor_shapes()[key]
-        return (groups, d), (groups, d, d)
+        return self._structure(key).decomposition_shapes(key, self.factor_shapes()[key])
 
-    def rebuild(self, key: str, tensors: Sequence[Tensor]) -> Eigen:
-        values, vectors = tensors
-        return Eigen(vectors=vectors, values=values)
+    def rebuild(self, key: str, tensors: Sequence[Tensor]) -> Decomposition:
+        return self._structure(key).rebuild(tensors)
 
     def gradient(self) -> Tensor | None:
         """``V``: ``(groups, g_dim, a_dim)``, or None without a weight gradient."""
@@ -293,11 +347,24 @@ class KroneckerBlock(CurvatureBlock):
     def precondition(
         self, gradient: Tensor, decompositions: BlockDecompositions, damping: float, method: str
     ) -> Tensor:
-        eigen_a, eigen_g = decompositions["A"], decompositions["G"]
-        work = gradient.to(eigen_a.vectors.dtype)
-        return precondition(work, eigen_g, eigen_a, damping, method).to(gradient.dtype)
+        if self.dense:
+            eigen_a, eigen_g = decompositions["A"], decompositions["G"]
+            work = gradient.to(eigen_a.vectors.dtype)
+            return precondition(work, eigen_g, eigen_a, damping, method).to(gradient.dtype)
+        a, g = self.a_structure, self.g_structure
+        values_a, values_g = a.eigenvalues("A", decompositions), g.eigenvalues("G", decompositions)
+        work = gradient.to(values_a.dtype)
+        # Q_G^T V Q_A, scaled, then Q_G (.) Q_A^T; G's side rotates the transpose
+        rotated = g.rotate(
+            a.rotate(work, "A", decompositions, False).mT, "G", decompositions, False
+        )
+        scaled = rotated.mT * damped_inverse(values_g, values_a, damping, method)
+        out = g.rotate(a.rotate(scaled, "A", decompositions, True).mT, "G", decompositions, True)
+        return out.mT.to(gradient.dtype)
 
     def batch_key(self) -> Hashable:
+        if not self.dense:
+            return id(self)
         return (KroneckerBlock, self.groups, self.a_dim, self.g_dim)
 
     @classmethod

@@ -19,6 +19,7 @@ from lightning_kfac import registry
 from lightning_kfac.attention import PLAIN_BIAS_KV_REASON, plain_parameter_names
 from lightning_kfac.curvature import CurvatureBlock, KroneckerBlock
 from lightning_kfac.registry import BlockFactory
+from lightning_kfac.structure import StructurePolicy
 
 #: The lookup from a module to the factory of its block (None if unsupported).
 BlockTypeFor = Callable[[nn.Module], BlockFactory | None]
@@ -87,10 +88,10 @@ class Discovery:
             shown += ", ..."
         messages = []
         for kind, pattern in self.unmatched_patterns:
-            if kind == "reduce":
+            if kind in ("reduce", "factor_structure"):
                 messages.append(
-                    f"K-FAC: reduce pattern {pattern!r} matches no registered Linear or Conv "
-                    "layer; every layer keeps expand"
+                    f"K-FAC: {kind} pattern {pattern!r} matches no registered Linear or Conv "
+                    "layer; it changes nothing"
                 )
                 continue
             message = f"K-FAC: {kind} pattern {pattern!r} matches no module"
@@ -118,6 +119,7 @@ def discover(
     exclude: Sequence[str] | None = (),
     *,
     reduce: Sequence[str] = (),
+    structures: StructurePolicy | None = None,
     block_type_for: BlockTypeFor = registry.block_type_for,
 ) -> Discovery:
     """Register every supported layer of ``model``.
@@ -129,6 +131,8 @@ def discover(
         exclude: glob patterns of modules never registered (None: none).
         reduce: glob patterns of Linear and Conv layers that use K-FAC-reduce (their
             positions pooled into one prediction per example) instead of expand.
+        structures: how wide factor sides of Linear and Conv layers are stored (default:
+            ``StructurePolicy()``, dense up to 2048).
         block_type_for: the lookup from a module to its block class (called as
             ``block_type_for(module)``, None if unsupported).
 
@@ -138,6 +142,7 @@ def discover(
         the lazy modules still to be materialised.
     """
     include = None if include is None else list(include)
+    structures = structures or StructurePolicy()
     exclude = list(exclude or ())
     blocks: dict[str, CurvatureBlock] = {}
     skipped: list[Skipped] = []
@@ -191,8 +196,12 @@ def discover(
                 if plain:  # bias_k, bias_v: listed, the projections are registered
                     reason = PLAIN_BIAS_KV_REASON.format(names=", ".join(plain))
         block = blocks.get(name)
-        if isinstance(block, KroneckerBlock) and any(fnmatchcase(name, p) for p in reduce):
-            block.reduce = True
+        if isinstance(block, KroneckerBlock):
+            block.reduce = any(fnmatchcase(name, p) for p in reduce)
+            block.set_structure(
+                structures.structure(name, "A", block.a_dim),
+                structures.structure(name, "G", block.g_dim),
+            )
         if reason:
             skipped.append(Skipped(name, type(module).__name__, reason))
 
@@ -204,8 +213,9 @@ def discover(
     ]
     reducible = [n for n, b in blocks.items() if isinstance(b, KroneckerBlock)]
     unmatched += [
-        ("reduce", pattern)
-        for pattern in dict.fromkeys(reduce)
+        (kind, pattern)
+        for kind, patterns in (("reduce", reduce), ("factor_structure", structures.overrides))
+        for pattern in dict.fromkeys(patterns)
         if not any(fnmatchcase(name, pattern) for name in reducible)
     ]
     for name, reason in _tied(model, blocks).items():
@@ -313,8 +323,18 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 def _factors_text(block: CurvatureBlock) -> str:
-    shapes = block.factor_shapes()
-    return ", ".join(f"{key} {_shape_text(shape)}" for key, shape in shapes.items())
+    """``"A 11x11, G 10x10"``; numbered keys of one side (a block-diagonal factor's
+    ``A0, A1, ...``) as one entry, ``"A0-A3 250x250..251x251"``."""
+    sides: dict[str, list[tuple[str, str]]] = {}
+    for key, shape in block.factor_shapes().items():
+        side = key.rstrip("0123456789") if key[-1:].isdigit() else key
+        sides.setdefault(side, []).append((key, _shape_text(shape)))
+    parts = []
+    for entries in sides.values():
+        texts = sorted(set(text for _, text in entries))
+        keys = entries[0][0] if len(entries) == 1 else f"{entries[0][0]}-{entries[-1][0]}"
+        parts.append(f"{keys} {'..'.join(texts[:1] + texts[1:][-1:])}")
+    return ", ".join(parts)
 
 
 def summary_table(discovery: Discovery) -> str:

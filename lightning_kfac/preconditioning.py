@@ -46,14 +46,18 @@ def damped_inverse_eigenvalues(
     ``1 / ((e_G + sqrt(damping)/pi) (e_A + pi sqrt(damping))^T)``. Depends only on the
     decompositions and the damping, so it can be reused until either changes.
     """
+    return damped_inverse(eigen_g.values, eigen_a.values, damping, method)
+
+
+def damped_inverse(values_g: Tensor, values_a: Tensor, damping: float, method: str) -> Tensor:
+    """``damped_inverse_eigenvalues`` from the eigenvalues ``(groups, g)`` and
+    ``(groups, a)`` of the two sides (of any structure: dense, block-diagonal, diagonal)."""
     if method == "exact":
-        denominator = eigen_g.values.unsqueeze(-1) * eigen_a.values.unsqueeze(-2) + damping
+        denominator = values_g.unsqueeze(-1) * values_a.unsqueeze(-2) + damping
     elif method == "factored":
-        damp_g, damp_a = factored_damping(
-            [eigen_g.mean_eigenvalue, eigen_a.mean_eigenvalue], damping
-        )
-        denominator = (eigen_g.values + damp_g.unsqueeze(-1)).unsqueeze(-1) * (
-            eigen_a.values + damp_a.unsqueeze(-1)
+        damp_g, damp_a = factored_damping([values_g.mean(dim=-1), values_a.mean(dim=-1)], damping)
+        denominator = (values_g + damp_g.unsqueeze(-1)).unsqueeze(-1) * (
+            values_a + damp_a.unsqueeze(-1)
         ).unsqueeze(-2)
     else:
         raise ValueError(f"method must be one of {DAMPING_METHODS}, got {method!r}")
