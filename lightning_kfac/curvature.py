@@ -201,6 +201,7 @@ class KroneckerBlock(CurvatureBlock):
     reduce: bool = False
     _a_structure: FactorStructure | None = None
     _g_structure: FactorStructure | None = None
+    _shapes: dict[str, tuple[int, ...]] | None = None
     groups: int
     has_bias: bool
     in_features: int
@@ -246,6 +247,7 @@ class KroneckerBlock(CurvatureBlock):
                 raise ValueError(f"{side} structure has width {structure.width}, not {width}")
         self._a_structure = a if a is not None else self._a_structure
         self._g_structure = g if g is not None else self._g_structure
+        self._shapes = None
 
     def _structure(self, key: str) -> FactorStructure:
         return self.a_structure if key.startswith("A") else self.g_structure
@@ -262,7 +264,10 @@ class KroneckerBlock(CurvatureBlock):
         return self._parameters
 
     def factor_shapes(self) -> dict[str, tuple[int, ...]]:
-        return self.a_structure.shapes("A", self.groups) | self.g_structure.shapes("G", self.groups)
+        if self._shapes is None:  # read on every hook call and step: computed once
+            a, g = self.a_structure, self.g_structure
+            self._shapes = a.shapes("A", self.groups) | g.shapes("G", self.groups)
+        return self._shapes
 
     def example_major(self, x: Tensor, examples: int) -> Tensor:
         """``x`` (an input or an output gradient) with its example dimension first, as
