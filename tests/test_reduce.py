@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACDDPStrategy
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.capture import FactorCapture
 from lightning_kfac.discovery import discover, summary_table
+from tests.helpers import InterleavedData, trainer
 
 F64 = torch.float64
 N, T, D_IN, D_OUT = 6, 5, 4, 3
@@ -221,3 +222,21 @@ def test_pooled_attention_trains_with_reduce_at_default_damping_and_beats_sgd():
     assert torch.isfinite(torch.tensor(kfac_reduce))
     assert kfac_reduce < 0.5 * sgd, (kfac_reduce, sgd)
     assert kfac_reduce < 0.5 * expand, (kfac_reduce, expand)
+
+
+def _reduce_fit(devices: int, local_batch: int) -> PooledAttention:
+    torch.manual_seed(0)
+    model = PooledAttention()
+    callback = KFACCallback(reduce=["q", "k", "v", "o"], inv_update_freq=2, verbose=False)
+    extra = dict(strategy=KFACDDPStrategy(start_method="spawn")) if devices > 1 else {}
+    trainer(
+        devices=devices, callbacks=[callback], max_steps=6, use_distributed_sampler=False, **extra
+    ).fit(model, datamodule=InterleavedData(pooled_task(144), local_batch))
+    return model
+
+
+def test_reduce_under_kfac_ddp_two_ranks_equal_one_process():
+    single = _reduce_fit(1, 24)
+    double = _reduce_fit(2, 12)
+    for (name, p), q in zip(double.named_parameters(), single.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
