@@ -19,11 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_kfac.decomposition import (
+    AS_IS,
     SYMMETRIC_EIGEN,
     Decomposition,
     DecompositionMethod,
     Eigen,
+    SmallMatrix,
 )
+from lightning_kfac.inverse import damped_inverse_pair
 from lightning_kfac.preconditioning import (
     damped_inverse,
     damped_inverse_eigenvalues,
@@ -199,6 +202,9 @@ class KroneckerBlock(CurvatureBlock):
     """
 
     reduce: bool = False
+    #: ``"eigen"``, or ``"cholesky"`` for damped inverses formed once per decomposition
+    #: (factored damping only; a dense block only; see ``lightning_kfac.inverse``).
+    inverse: str = "eigen"
     _a_structure: FactorStructure | None = None
     _g_structure: FactorStructure | None = None
     _shapes: dict[str, tuple[int, ...]] | None = None
@@ -310,6 +316,7 @@ class KroneckerBlock(CurvatureBlock):
     @property
     def kind(self) -> str:
         notes = ["reduce"] if self.reduce else []
+        notes += ["cholesky"] if self.inverse == "cholesky" else []
         notes += [
             f"{side} {structure.describe()}"
             for side, structure in (("A", self.a_structure), ("G", self.g_structure))
@@ -318,6 +325,8 @@ class KroneckerBlock(CurvatureBlock):
         return f"{type(self).__name__} ({', '.join(notes)})" if notes else type(self).__name__
 
     def decomposition_method(self, key: str) -> DecompositionMethod:
+        if self.inverse == "cholesky":
+            return AS_IS  # the damped inverses are formed by ``operator``
         return self._structure(key).method()
 
     def decomposition_cost(self, key: str) -> float:
@@ -325,9 +334,13 @@ class KroneckerBlock(CurvatureBlock):
         return float(shape[0]) * (shape[-1] if len(shape) == 2 else shape[-1] ** 3)
 
     def decomposition_shapes(self, key: str) -> tuple[tuple[int, ...], ...]:
+        if self.inverse == "cholesky":
+            return (self.factor_shapes()[key],)
         return self._structure(key).decomposition_shapes(key, self.factor_shapes()[key])
 
     def rebuild(self, key: str, tensors: Sequence[Tensor]) -> Decomposition:
+        if self.inverse == "cholesky":
+            return SmallMatrix(tensors[0])
         return self._structure(key).rebuild(tensors)
 
     def gradient(self) -> Tensor | None:
@@ -352,6 +365,8 @@ class KroneckerBlock(CurvatureBlock):
     def precondition(
         self, gradient: Tensor, decompositions: BlockDecompositions, damping: float, method: str
     ) -> Tensor:
+        if self.inverse == "cholesky":
+            return self.operator([self], [decompositions], damping, method)([gradient])[0]
         if self.dense:
             eigen_a, eigen_g = decompositions["A"], decompositions["G"]
             work = gradient.to(eigen_a.vectors.dtype)
@@ -381,7 +396,10 @@ class KroneckerBlock(CurvatureBlock):
         method: str,
     ) -> Operator:
         """All blocks of one shape at once: their eigenbases and damped inverse eigenvalues
-        stacked along the groups dimension, four batched products per step."""
+        stacked along the groups dimension, four batched products per step (with Cholesky
+        inverses: the damped inverses, formed here, and two products per step)."""
+        if getattr(blocks[0], "inverse", "eigen") == "cholesky":
+            return _cholesky_operator(blocks, decompositions, damping, method)
         if len(blocks) == 1:
             return super().operator(blocks, decompositions, damping, method)
         eigen_a, eigen_g = (
@@ -403,3 +421,28 @@ class KroneckerBlock(CurvatureBlock):
             return list(out.split(counts))
 
         return apply
+
+
+def _cholesky_operator(
+    blocks: Sequence[CurvatureBlock],
+    decompositions: Sequence[BlockDecompositions],
+    damping: float,
+    method: str,
+) -> Operator:
+    """``(G + d_G I)^-1 V (A + d_A I)^-1`` for blocks of one shape, their damped inverses
+    formed once (reference, section 13)."""
+    if method != "factored":
+        raise ValueError('the Cholesky inverse needs damping_method="factored"')
+    a_inv, g_inv = damped_inverse_pair(
+        torch.cat([d["A"].matrix for d in decompositions]),
+        torch.cat([d["G"].matrix for d in decompositions]),
+        damping,
+    )
+    counts = [block.groups for block in blocks]
+
+    def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
+        dtype = gradients[0].dtype
+        out = (g_inv @ torch.cat(list(gradients)).to(a_inv.dtype) @ a_inv).to(dtype)
+        return list(out.split(counts))
+
+    return apply

@@ -120,6 +120,7 @@ def discover(
     *,
     reduce: Sequence[str] = (),
     structures: StructurePolicy | None = None,
+    inverse: str = "eigen",
     block_type_for: BlockTypeFor = registry.block_type_for,
 ) -> Discovery:
     """Register every supported layer of ``model``.
@@ -133,6 +134,8 @@ def discover(
             positions pooled into one prediction per example) instead of expand.
         structures: how wide factor sides of Linear and Conv layers are stored (default:
             ``StructurePolicy()``, dense up to 2048).
+        inverse: ``"eigen"``, or ``"cholesky"`` for the dense Linear and Conv blocks
+            (damped inverses instead of eigendecompositions; factored damping only).
         block_type_for: the lookup from a module to its block class (called as
             ``block_type_for(module)``, None if unsupported).
 
@@ -202,6 +205,7 @@ def discover(
                 structures.structure(name, "A", block.a_dim),
                 structures.structure(name, "G", block.g_dim),
             )
+            block.inverse = inverse if block.dense else "eigen"
         if reason:
             skipped.append(Skipped(name, type(module).__name__, reason))
 
