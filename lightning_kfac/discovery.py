@@ -17,7 +17,9 @@ from torch.nn.utils import parametrize
 
 from lightning_kfac import registry
 from lightning_kfac.attention import PLAIN_BIAS_KV_REASON, plain_parameter_names
+from lightning_kfac.blocks import LinearBlock
 from lightning_kfac.curvature import CurvatureBlock, KroneckerBlock
+from lightning_kfac.doubly_factored import DoublyFactoredLinearBlock, flattened_map_shape
 from lightning_kfac.registry import BlockFactory
 from lightning_kfac.structure import StructurePolicy
 
@@ -199,6 +201,8 @@ def discover(
                 if plain:  # bias_k, bias_v: listed, the projections are registered
                     reason = PLAIN_BIAS_KV_REASON.format(names=", ".join(plain))
         block = blocks.get(name)
+        if type(block) is LinearBlock:
+            block = blocks[name] = _doubly_factored(model, name, block, structures) or block
         if isinstance(block, KroneckerBlock):
             block.reduce = any(fnmatchcase(name, p) for p in reduce)
             block.set_structure(
@@ -216,11 +220,17 @@ def discover(
         if not any(fnmatchcase(name, pattern) for name in layer_names)
     ]
     reducible = [n for n, b in blocks.items() if isinstance(b, KroneckerBlock)]
+    structured = reducible + [
+        n for n, b in blocks.items() if isinstance(b, DoublyFactoredLinearBlock)
+    ]
     unmatched += [
         (kind, pattern)
-        for kind, patterns in (("reduce", reduce), ("factor_structure", structures.overrides))
+        for kind, patterns, names in (
+            ("reduce", reduce, reducible),
+            ("factor_structure", structures.overrides, structured),
+        )
         for pattern in dict.fromkeys(patterns)
-        if not any(fnmatchcase(name, pattern) for name in reducible)
+        if not any(fnmatchcase(name, pattern) for name in names)
     ]
     for name, reason in _tied(model, blocks).items():
         skipped.append(Skipped(name, type(blocks.pop(name).module).__name__, reason))
@@ -239,6 +249,30 @@ def _covered(own: Mapping[str, nn.Parameter], blocks: Mapping[str, CurvatureBloc
     """Whether every parameter in ``own`` is preconditioned by one of ``blocks``."""
     covered = {id(p) for block in blocks.values() for p in block.parameters()}
     return all(id(p) in covered for p in own.values())
+
+
+def _doubly_factored(
+    model: nn.Module, name: str, block: LinearBlock, structures: StructurePolicy
+) -> DoublyFactoredLinearBlock | None:
+    """The doubly-factored block of a Linear layer after ``nn.Flatten()``, where declared or
+    where its input side is above the size limit and the map shape can be found."""
+    choice = structures.doubly_factored(name, block.a_dim)
+    if choice is None:
+        return None
+    declared, channels = choice
+    module = block.module
+    if channels:
+        shape = (channels, module.in_features // channels)
+    else:
+        shape = flattened_map_shape(model, name)
+    if shape is None or shape[0] * shape[1] != module.in_features:
+        if declared:
+            raise ValueError(
+                f"factor_structure: the map shape of {name!r} (in_features="
+                f"{module.in_features}) cannot be found; give 'doubly-factored:<channels>'"
+            )
+        return None
+    return DoublyFactoredLinearBlock(module, *shape)
 
 
 def _tied(model: nn.Module, blocks: Mapping[str, CurvatureBlock]) -> dict[str, str]:

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,8 @@ from lightning_kfac.decomposition import (
 )
 
 STRUCTURES = ("dense", "block-diagonal", "diagonal")
+#: The structure of an input side that is a flattened map (``lightning_kfac.doubly_factored``).
+DOUBLY_FACTORED = "doubly-factored"
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class FactorStructure:
             return self.kind
         low, high = min(self.sizes), max(self.sizes)
         width = f"{low}" if low == high else f"{low}-{high}"
-        return f"{len(self.sizes)} blocks of {width}"
+        return f"{len(self.sizes)} block{'s' if len(self.sizes) > 1 else ''} of {width}"
 
     # -- capture ---------------------------------------------------------------------------
 
@@ -192,24 +195,73 @@ class StructurePolicy:
             )
         overrides = dict(self.overrides or {})
         for pattern, value in overrides.items():
-            sides = value if isinstance(value, Mapping) else {"A": value, "G": value}
+            sides = _sides(value)
             if (
                 not isinstance(pattern, str)
+                or not sides
                 or set(sides) - {"A", "G"}
-                or any(kind not in STRUCTURES for kind in sides.values())
+                or any(kind not in STRUCTURES for kind in sides.values() if kind is not None)
+                or ("A" in sides and sides["A"] is None and _channels(value) is None)
+                or (isinstance(value, Mapping) and _is_doubly_factored(value.get("G")))
             ):
                 raise ValueError(
                     "factor_structure maps module name patterns to one of "
-                    f"{STRUCTURES} or to {{'A': ..., 'G': ...}} of them, got {pattern!r}: {value!r}"
+                    f"{STRUCTURES} or 'doubly-factored' / 'doubly-factored:<channels>' (a Linear "
+                    "after nn.Flatten), or to {'A': ..., 'G': ...} of them, "
+                    f"got {pattern!r}: {value!r}"
                 )
         object.__setattr__(self, "overrides", overrides)
+
+    def doubly_factored(self, name: str, a_dim: int) -> tuple[bool, int | None] | None:
+        """Whether a Linear layer named ``name`` (input factor side ``a_dim``) should be
+        doubly-factored: ``(declared, channels or None to infer)``, or None. Declared by an
+        override, or automatic above the size limit (where the map shape can be found)."""
+        for pattern, value in self.overrides.items():
+            if fnmatchcase(name, pattern):
+                a = value.get("A") if isinstance(value, Mapping) else value
+                if isinstance(a, str) and a.startswith(DOUBLY_FACTORED):
+                    return True, _channels(a)
+                if a is not None:
+                    return None
+                break
+        if self.max_size is not None and a_dim > self.max_size:
+            return False, None
+        return None
 
     def kind(self, name: str, side: str) -> str | None:
         """The structure an override gives ``side`` of module ``name``, if any."""
         for pattern, value in self.overrides.items():
             if fnmatchcase(name, pattern):
-                return value.get(side) if isinstance(value, Mapping) else value
+                return _sides(value).get(side)
         return None
 
     def structure(self, name: str, side: str, d: int) -> FactorStructure:
         return structure_for(d, self.kind(name, side), self.max_size, self.block_size, self.large)
+
+
+def _sides(value: Any) -> dict[str, str | None]:
+    """An override as ``{side: structure}``; a doubly-factored input side maps to None (not a
+    structure of this module: the layer gets another block kind)."""
+    sides = dict(value) if isinstance(value, Mapping) else {"A": value}
+    if not isinstance(value, Mapping) and not _is_doubly_factored(value):
+        sides["G"] = value
+    return {
+        side: None if _is_doubly_factored(kind) else kind
+        for side, kind in sides.items()
+        if side == "A" or not _is_doubly_factored(kind)
+    }
+
+
+def _is_doubly_factored(kind: Any) -> bool:
+    return isinstance(kind, str) and kind.split(":")[0] == DOUBLY_FACTORED
+
+
+def _channels(value: Any) -> int | None:
+    """J of ``"doubly-factored:J"`` (0 for ``"doubly-factored"``: to be inferred), else None."""
+    kind = value.get("A") if isinstance(value, Mapping) else value
+    if not _is_doubly_factored(kind):
+        return None
+    _, _, channels = kind.partition(":")
+    if not channels:
+        return 0
+    return int(channels) if channels.isdigit() and int(channels) > 0 else None
