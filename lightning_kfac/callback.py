@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch import Tensor, nn
@@ -202,6 +203,10 @@ class KFACCallback(Callback):
         self.last_stats: StepStats | None = None
         self._module: pl.LightningModule | None = None
         self._lazy: list[str] = []
+        #: Registration waits for fit start under ModelParallelStrategy (the parameters are
+        #: sharded by ``configure_model``, after ``setup``); a checkpoint's state waits with it.
+        self._deferred = False
+        self._deferred_state: dict[str, Any] | None = None
 
     # -- Lightning hooks -------------------------------------------------------------------
 
@@ -221,7 +226,9 @@ class KFACCallback(Callback):
         self._module = pl_module
         self._lazy = []
         self._check_loss_modules(pl_module)
-        self._register(trainer, pl_module)
+        self._deferred = isinstance(trainer.strategy, ModelParallelStrategy)
+        if not self._deferred:
+            self._register(trainer, pl_module)
 
     def _check_loss_modules(self, pl_module: pl.LightningModule) -> None:
         """Warn once if a torch loss module of the model reduces otherwise than
@@ -284,6 +291,9 @@ class KFACCallback(Callback):
         now, after Lightning has converted the model's precision)."""
         self.engine.attach()
         rank_zero_info(f"KFACCallback: {self._loss_assumption()}; factors in {self.engine.dtype}.")
+        describe = getattr(self.engine.distribution, "describe", None)
+        if describe is not None and self.verbose:
+            rank_zero_info(f"KFACCallback: {describe()}.")
 
     def _loss_assumption(self) -> str:
         """The loss convention K-FAC works under, for the fit-start summary."""
@@ -301,6 +311,12 @@ class KFACCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._register(trainer, pl_module)
+            state, self._deferred_state = self._deferred_state, None
+            if state:
+                self.load_state_dict(state)
         if self.engine is not None:
             self._attach()
 
@@ -390,6 +406,9 @@ class KFACCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        if self._deferred:
+            self._deferred_state = state_dict
+            return
         if self.engine is None:
             raise ValueError(
                 "K-FAC: the checkpoint holds K-FAC state for layers "
@@ -463,6 +482,14 @@ class KFACCallback(Callback):
         make = getattr(trainer.strategy, "kfac_distribution", None)
         if make is not None:
             return make()
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            from lightning_kfac.sharded import ShardedDistribution
+
+            rank_zero_info(
+                "KFACCallback: sharded parameters, default options; use "
+                'strategy="kfac_model_parallel" to configure K-FAC\'s sharded distribution.'
+            )
+            return ShardedDistribution()
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             rank_zero_info(
                 "KFACCallback: reducing factors over ranks with default options; use "

@@ -32,6 +32,8 @@ Unit = tuple[str, str]
 Decompose = Callable[[Sequence[tuple[Unit, Tensor]]], dict[Unit, Decomposition | None]]
 #: Preconditions the gradients of a set of blocks.
 Apply = Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+#: The KL clip's weighted inner product of plain tensors (None when there are none).
+Inner = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], "Tensor | None"]
 
 
 def all_finite(batch: Mapping[str, CapturedFactors]) -> bool:
@@ -71,6 +73,13 @@ class Distribution(Protocol):
 
     def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
         """The preconditioned gradient of every block in ``grads``, in the same order."""
+
+    def inner(
+        self, preconditioned: Mapping[str, Tensor], grads: Mapping[str, Tensor], local: Inner
+    ) -> Tensor | None:
+        """The KL clip's ``sum_l lr_l**2 <V'_l, V_l>`` over whole gradients, the same value
+        on every rank: ``local`` of what this rank holds, summed over ranks where each holds
+        a part (sharded parameters, with one all-reduce of a scalar)."""
 
 
 def _units(factors: Mapping[str, Mapping[str, Tensor]]) -> list[Unit]:
@@ -115,6 +124,11 @@ class LocalDistribution:
 
     def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
         return apply(grads)
+
+    def inner(
+        self, preconditioned: Mapping[str, Tensor], grads: Mapping[str, Tensor], local: Inner
+    ) -> Tensor | None:
+        return local(preconditioned, grads)
 
 
 # -- data parallel: who keeps decompositions ------------------------------------------------
@@ -406,6 +420,16 @@ class DataParallelDistribution:
 
     def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
         return self.assignment.precondition(self, grads, apply)
+
+    def inner(
+        self, preconditioned: Mapping[str, Tensor], grads: Mapping[str, Tensor], local: Inner
+    ) -> Tensor | None:
+        """Every rank holds whole, identical gradients: the local value is the global one."""
+        return local(preconditioned, grads)
+
+    def symmetric(self, units: Sequence[Unit]) -> list[bool]:
+        """Whether each unit's factor is symmetric (live factors need not be)."""
+        return [key not in self.blocks[name].live_keys() for name, key in units]
 
     # -- wire format -----------------------------------------------------------------------
 

@@ -327,9 +327,12 @@ class KFACEngine:
         kl_clip = self.options.kl_clip_at(step)
         scale = None
         if kl_clip is not None:
-            scale = kl_clip_scale(
-                self._weighted_inner(preconditioned, grads, learning_rates), kl_clip
+            total = self.distribution.inner(
+                preconditioned,
+                grads,
+                lambda new, old: self._weighted_inner(new, old, learning_rates),
             )
+            scale = kl_clip_scale(total, kl_clip)
             values = list(preconditioned.values())
             torch._foreach_mul_(values, scale.to(values[0].dtype))
         for name, new in preconditioned.items():

@@ -333,6 +333,42 @@ class DataParallelOptions:
         self.bucket_cap_mb = check_real("bucket_cap_mb", self.bucket_cap_mb, above=0.0)
 
 
+SHARD_PRECONDITIONINGS = ("gather", "block_diagonal")
+
+
+@dataclass
+class ShardedOptions(DataParallelOptions):
+    """The options of K-FAC's sharded distribution (``KFACModelParallelStrategy``'s ``kfac_*``).
+
+    Factors are reduced over the data-parallel ranks as under data parallelism (the
+    inherited fields); gradients are sharded by rows.
+
+    Attributes:
+        shard_preconditioning: ``"gather"`` (exact: each layer's gradient rows are gathered,
+            one shape group at a time, preconditioned whole, and the local rows kept) or
+            ``"block_diagonal"`` (no gradient traffic: each rank preconditions its rows with
+            the diagonal block of ``G`` for them, an approximation; Kronecker layers only,
+            the others are gathered).
+
+    Raises:
+        ValueError: naming the field, and for ``precondition_mode="owner"`` (not offered
+            with sharded parameters).
+    """
+
+    shard_preconditioning: str = "gather"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.shard_preconditioning = check_choice(
+            "shard_preconditioning", self.shard_preconditioning, SHARD_PRECONDITIONINGS
+        )
+        if self.precondition_mode != "shared":
+            raise ValueError(
+                "precondition_mode must be 'shared' with sharded parameters (every rank "
+                f"keeps the decompositions its rows need), got {self.precondition_mode!r}"
+            )
+
+
 # -- parse-time types for LightningCLI ---------------------------------------------------
 #
 # ``KFACCallback`` and ``KFACDDPStrategy`` annotate their options with the names below, so
@@ -399,6 +435,7 @@ if TYPE_CHECKING:
     ProgressBarMetric: TypeAlias = str
     PreconditionMode: TypeAlias = Literal["shared", "owner"]
     BucketCapMB: TypeAlias = float
+    ShardPreconditioning: TypeAlias = Literal["gather", "block_diagonal"]
 else:
     Damping = _cli_type("Damping", float, check_damping, float)
     FactorDecay = _cli_type("FactorDecay", float, check_factor_decay, float)
@@ -440,4 +477,9 @@ else:
     )
     BucketCapMB = _cli_type(
         "BucketCapMB", float, lambda v: check_real("kfac_bucket_cap_mb", v, above=0.0), float
+    )
+    ShardPreconditioning = _cli_type(
+        "ShardPreconditioning",
+        Literal["gather", "block_diagonal"],
+        lambda v: check_choice("kfac_shard_preconditioning", v, SHARD_PRECONDITIONINGS),
     )

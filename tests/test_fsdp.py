@@ -1,0 +1,215 @@
+"""K-FAC under FSDP2 (sharded parameters): 2 CPU ranks (gloo), float64, against one process.
+
+One worker script (``tests/scripts/fit_sharded.py``), started as 2 ranks sharing a process
+group, runs every sharded fit; the single-process references run here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_kfac import KFACCallback
+from lightning_kfac.blocks import ConvBlock, LinearBlock
+from lightning_kfac.communication import free_port
+from lightning_kfac.options import ShardedOptions
+from lightning_kfac.strategy import KFACModelParallelStrategy
+from tests.helpers import LocalBatch, StepIndexedClassifier, dummy_loader, trainer
+from tests.scripts.fit_sharded import GLOBAL_BATCH, KFAC, STEPS, dataset, network
+
+ROOT = Path(__file__).parent.parent
+SCRIPT = ROOT / "tests" / "scripts" / "fit_sharded.py"
+RANKS = 2
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The worker's results (both ranks run every fit; rank 0 writes them)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    port = str(free_port())
+    processes = []
+    for rank in range(RANKS):
+        env = dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            WORLD_SIZE=str(RANKS),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            NODE_RANK="0",
+        )
+        log = open(out / f"rank{rank}.log", "w")  # noqa: SIM115 - closed below
+        processes.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(SCRIPT), str(out)],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
+    codes = []
+    for process, log in processes:
+        try:
+            codes.append(process.wait(timeout=300))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes.append(None)
+        log.close()
+    logs = "".join((out / f"rank{r}.log").read_text()[-3000:] for r in range(RANKS))
+    assert codes == [0] * RANKS, logs
+    return torch.load(out / "results.pt", weights_only=False)
+
+
+def single_process(kind="mlp", **callback_options) -> dict[str, torch.Tensor]:
+    """One process with the global batch (2N), the worker's model, data and options."""
+    net = network(kind, ranks=RANKS)
+    module = StepIndexedClassifier(net, dataset(kind), GLOBAL_BATCH, lr=0.05)
+    kfac = KFACCallback(batch_size=LocalBatch(GLOBAL_BATCH), **KFAC, **callback_options)
+    trainer(max_steps=STEPS, callbacks=[kfac]).fit(module, dummy_loader())
+    return {name: p.detach() for name, p in module.named_parameters()}
+
+
+def assert_params_close(got, want, rtol=1e-8, atol=1e-10):
+    assert list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=name)
+
+
+def test_gather_mode_equals_one_process_with_the_global_batch(sharded):
+    """Exact mode: the gathered rows preconditioned whole, local rows kept."""
+    result = sharded["gather"]
+    assert result["distribution"] == "ShardedDistribution"
+    assert_params_close(result["params"], single_process())
+    moved = [
+        not torch.equal(p, q) for p, q in zip(result["params"].values(), network().parameters())
+    ]
+    assert all(moved), "training must have moved every parameter"
+    assert result["traffic"][0]["all_gather"] > 0
+
+
+def test_plain_model_parallel_strategy_is_detected(sharded):
+    """Lightning's own ModelParallelStrategy: the callback shards K-FAC by itself."""
+    assert sharded["plain"]["distribution"] == "ShardedDistribution"
+    assert_params_close(sharded["plain"]["params"], sharded["gather"]["params"], 0, 0)
+
+
+def test_replicated_state_identical_and_kl_scale_equal_on_every_rank(sharded):
+    for mode in ("gather", "block_diagonal", "resumed"):
+        result = sharded[mode]
+        assert result["identical"], mode
+        first, second = result["scales"]
+        assert first == second, mode  # the same scale, bit for bit, on both ranks
+        assert min(first) < 1.0, "the KL clip must be active in this test"
+
+
+def test_resume_from_a_sharded_checkpoint_equals_an_unbroken_run(sharded):
+    assert sharded["checkpoint_is_dir"], "a distributed (sharded) checkpoint is a directory"
+    assert_params_close(sharded["resumed"]["params"], sharded["gather"]["params"], 1e-12, 1e-14)
+    # the saved factors are the mean over ranks: equal up to the order of the sums
+    unbroken = sharded["gather"]["scales"][0][STEPS // 2 :]
+    assert sharded["resumed"]["scales"][0] == pytest.approx(unbroken, rel=1e-12)
+
+
+class BlockDiagonal:
+    """The block-diagonal approximation, dense and explicit: rank r's rows R_r of the
+    gradient preconditioned with ``(G[R_r, R_r] (x) A + lambda I)^-1`` as a matrix (layers
+    with one group; the sharded run gathers grouped convolutions, exactly)."""
+
+    def batch_key(self):
+        return id(self)  # one block at a time, through ``precondition``
+
+    def precondition(self, gradient, decompositions, damping, method):
+        if self.groups > 1:
+            return super().precondition(gradient, decompositions, damping, method)
+        assert method == "exact"
+
+        def dense(eigen):
+            q, e = eigen.vectors[0], eigen.values[0].clamp(min=0)
+            return q @ torch.diag(e) @ q.T
+
+        a, g = dense(decompositions["A"]), dense(decompositions["G"])
+        out = torch.empty_like(gradient)
+        for rows in torch.arange(self.g_dim).chunk(RANKS):
+            block = g[rows][:, rows]
+            matrix = torch.kron(block, a) + damping * torch.eye(len(rows) * self.a_dim).double()
+            v = gradient[0, rows].reshape(-1)
+            out[0, rows] = torch.linalg.solve(matrix, v).reshape(len(rows), self.a_dim)
+        return out
+
+
+class BlockDiagonalLinear(BlockDiagonal, LinearBlock):
+    pass
+
+
+class BlockDiagonalConv(BlockDiagonal, ConvBlock):
+    pass
+
+
+BLOCK_DIAGONAL = {nn.Linear: BlockDiagonalLinear, nn.Conv1d: BlockDiagonalConv}
+
+
+def test_convolutions_embeddings_and_normalisation_layers(sharded):
+    """A CNN in block-diagonal mode (its grouped conv gathered: the gradient is sharded
+    along the groups) and an embedding, LayerNorm and BatchNorm1d (gathered) against one
+    process."""
+    assert_params_close(sharded["cnn"]["params"], single_process("cnn", block_types=BLOCK_DIAGONAL))
+    assert_params_close(sharded["tokens"]["params"], single_process("tokens"))
+    for kind in ("cnn", "tokens"):
+        assert sharded[kind]["identical"] and sharded[kind]["traffic"][0]["all_gather"] > 0
+
+
+def test_block_diagonal_mode_against_an_explicit_dense_reference(sharded):
+    want = single_process(block_types=BLOCK_DIAGONAL)
+    assert_params_close(sharded["block_diagonal"]["params"], want)
+    # an approximation: not the exact run, and no gradient traffic
+    assert not torch.allclose(
+        sharded["block_diagonal"]["params"]["net.0.weight"],
+        sharded["gather"]["params"]["net.0.weight"],
+    )
+    assert "all_gather" not in sharded["block_diagonal"]["traffic"][0]
+
+
+def test_memory_per_rank_reported_and_smaller_block_diagonal(sharded):
+    gather, block = sharded["gather"], sharded["block_diagonal"]
+    for result in (gather, block):
+        assert "per rank" in result["describe"] and "MiB" in result["describe"]
+    # running factors are whole on every rank (never more with more ranks), the same in both
+    # modes; block-diagonal keeps only each rank's diagonal blocks of G, gathers nothing
+    for g, b in zip(gather["memory"], block["memory"]):
+        assert g["running"] == b["running"] > 0
+        assert b["decompositions"] < g["decompositions"]
+        assert b["gradient_buffers"] == 0 < g["gradient_buffers"]
+    # every rank's shard is about half of the registered parameters
+    whole = sum(p.numel() * 8 for p in network().parameters())
+    assert sum(m["parameter_shards"] for m in gather["memory"]) == whole
+
+
+def test_unsupported_layouts_refused_with_what_is_supported(sharded):
+    hsdp, column = sharded["refusals"]
+    for message in (hsdp, column):
+        assert "(Shard(dim=0),)" in message and "tensor_parallel_size=1" in message
+    assert "Replicate()" in hsdp and "Shard(dim=1)" in column
+
+
+def test_strategy_options_and_meshes_refused_at_construction():
+    with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
+        KFACModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="kfac_shard_preconditioning"):
+        KFACModelParallelStrategy(kfac_shard_preconditioning="rows")
+    with pytest.raises(ValueError, match=r"unknown options \['start_method'\]"):
+        KFACModelParallelStrategy(start_method="spawn")
+    with pytest.raises(ValueError, match="precondition_mode must be 'shared'"):
+        ShardedOptions(precondition_mode="owner")
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    assert StrategyRegistry["kfac_model_parallel"]["strategy"] is KFACModelParallelStrategy
