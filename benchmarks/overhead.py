@@ -4,10 +4,12 @@
     python -m benchmarks.overhead --quick    # a smoke test
 
 Models: the MNIST-1D baseline CNN (batch 100), a deep narrow MLP (17 Linear layers of
-width 32, batch 64) and an MLP 256-512-512-10 (batch 256), each
-trained with a plain loop around the same engine ``KFACCallback`` uses. Configurations:
-SGD with momentum, Adam, K-FAC at the default frequencies (factors every step,
-decompositions every 10), and K-FAC with factors and decompositions every step. The
+width 32, batch 64), an MLP 256-512-512-10 (batch 256) and the MNIST-1D CNN with 200
+channels, whose flatten -> Linear head is 1000 wide (batch 100), each trained with a plain
+loop around the same engine ``KFACCallback`` uses. Configurations: SGD with momentum, Adam,
+K-FAC at the default frequencies (factors every step, decompositions every 10), and K-FAC
+with factors and decompositions every step; for the wide head also its input factor
+block-diagonal, doubly-factored, and Cholesky inverses instead of eigendecompositions. The
 configurations are interleaved in rounds (each round times ``--steps`` steps of every
 configuration), and the median over rounds is reported, so that the machine's drift hits
 all of them alike; ratios are to SGD.
@@ -27,10 +29,16 @@ from examples.mnist1d_kfac import MNIST1DClassifier
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
 from lightning_kfac.options import KFACOptions
+from lightning_kfac.structure import StructurePolicy
 
 
 def mnist1d_cnn() -> nn.Module:
     return MNIST1DClassifier().net
+
+
+def wide_head_cnn() -> nn.Module:
+    """The MNIST-1D CNN with 200 channels: its flatten -> Linear head is 1000 wide."""
+    return MNIST1DClassifier(channels=200).net
 
 
 def mlp() -> nn.Module:
@@ -51,19 +59,39 @@ MODELS = {
     "MNIST-1D CNN, batch 100": (mnist1d_cnn, (1, 40), 100),
     "deep narrow MLP 17x32, batch 64": (deep_narrow_mlp, (32,), 64),
     "MLP 256-512-512-10, batch 256": (mlp, (256,), 256),
+    "MNIST-1D CNN, 1000-wide head, batch 100": (wide_head_cnn, (1, 40), 100),
 }
+#: Configurations only for the wide-head CNN: what to do about one wide layer.
+WIDE = "MNIST-1D CNN, 1000-wide head, batch 100"
 CONFIGS = {
     "SGD": ("sgd", None),
     "Adam": ("adam", None),
     "K-FAC (defaults: factors 1, decompositions 10)": ("sgd", dict()),
     "K-FAC (factors and decompositions every step)": ("sgd", dict(inv_update_freq=1)),
 }
+WIDE_CONFIGS = {
+    "K-FAC, head block-diagonal (blocks of 256)": (
+        "sgd",
+        dict(),
+        dict(structures=StructurePolicy(overrides={"7": {"A": "block-diagonal"}}, block_size=256)),
+    ),
+    "K-FAC, head doubly-factored (200 x 5)": (
+        "sgd",
+        dict(),
+        dict(structures=StructurePolicy(overrides={"7": "doubly-factored"})),
+    ),
+    "K-FAC, Cholesky inverses (factored damping)": (
+        "sgd",
+        dict(damping_method="factored"),
+        dict(inverse="cholesky"),
+    ),
+}
 
 
 class Runner:
     """One model and optimizer (and K-FAC engine), stepping on a fixed batch."""
 
-    def __init__(self, build, shape, batch, optimizer, kfac) -> None:
+    def __init__(self, build, shape, batch, optimizer, kfac, discovery=None) -> None:
         torch.manual_seed(0)
         self.model = build()
         self.x = torch.randn(batch, *shape)
@@ -74,7 +102,7 @@ class Runner:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.engine = None
         if kfac is not None:
-            blocks = discover(self.model).blocks
+            blocks = discover(self.model, **(discovery or {})).blocks
             self.engine = KFACEngine(blocks, KFACOptions(**kfac), warn=lambda message: None)
             self.engine.attach()
 
@@ -106,9 +134,12 @@ def main() -> None:
     print("| model | configuration | ms/step | ratio to SGD |")
     print("| --- | --- | ---: | ---: |")
     for model_name, (build, shape, batch) in MODELS.items():
+        configs = {name: (*config, None) for name, config in CONFIGS.items()}
+        if model_name == WIDE:
+            configs |= WIDE_CONFIGS
         runners = {
-            name: Runner(build, shape, batch, optimizer, kfac)
-            for name, (optimizer, kfac) in CONFIGS.items()
+            name: Runner(build, shape, batch, optimizer, kfac, discovery)
+            for name, (optimizer, kfac, discovery) in configs.items()
         }
         for runner in runners.values():
             runner.steps(max(2, args.steps // 5))  # warm-up
