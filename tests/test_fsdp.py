@@ -21,7 +21,7 @@ from lightning_kfac.communication import free_port
 from lightning_kfac.options import ShardedOptions
 from lightning_kfac.strategy import KFACModelParallelStrategy
 from tests.helpers import LocalBatch, StepIndexedClassifier, dummy_loader, trainer
-from tests.scripts.fit_sharded import GLOBAL_BATCH, KFAC, STEPS, dataset, network
+from tests.scripts.fit_sharded import CNN_KFAC, GLOBAL_BATCH, KFAC, STEPS, dataset, network
 
 ROOT = Path(__file__).parent.parent
 SCRIPT = ROOT / "tests" / "scripts" / "fit_sharded.py"
@@ -159,10 +159,13 @@ BLOCK_DIAGONAL = {nn.Linear: BlockDiagonalLinear, nn.Conv1d: BlockDiagonalConv}
 
 
 def test_convolutions_embeddings_and_normalisation_layers(sharded):
-    """A CNN in block-diagonal mode (its grouped conv gathered: the gradient is sharded
-    along the groups) and an embedding, LayerNorm and BatchNorm1d (gathered) against one
-    process."""
-    assert_params_close(sharded["cnn"]["params"], single_process("cnn", block_types=BLOCK_DIAGONAL))
+    """A CNN in block-diagonal mode with background decompositions (its grouped conv
+    gathered: the gradient is sharded along the groups) and an embedding, LayerNorm and
+    BatchNorm1d (gathered in buckets of one layer, factors reduced on every update) against
+    one process."""
+    assert_params_close(
+        sharded["cnn"]["params"], single_process("cnn", block_types=BLOCK_DIAGONAL, **CNN_KFAC)
+    )
     assert_params_close(sharded["tokens"]["params"], single_process("tokens"))
     for kind in ("cnn", "tokens"):
         assert sharded[kind]["identical"] and sharded[kind]["traffic"][0]["all_gather"] > 0

@@ -49,6 +49,10 @@ STEPS = 8
 GLOBAL_BATCH = 24
 #: K-FAC's options in every run (and in the single-process references of the test).
 KFAC = dict(damping=1e-2, factor_update_freq=1, inv_update_freq=2, kl_clip=1e-4, verbose=False)
+#: The CNN run's extra K-FAC options: decompositions in the background.
+CNN_KFAC = {"staleness": 1}
+#: The tokens run's strategy options: eager reduction, gathers of one layer or less a bucket.
+TOKENS_STRATEGY = {"kfac_reduce_every_update": True, "kfac_bucket_cap_mb": 0.001}
 
 
 def dataset(kind: str = "mlp"):
@@ -114,10 +118,12 @@ def _kfac(trainer) -> KFACCallback:
     return next(c for c in trainer.callbacks if isinstance(c, KFACCallback))
 
 
-def fit(out: Path, mode: str, steps: int, ckpt_path=None, save_at=None, kind="mlp"):
+def fit(
+    out: Path, mode: str, steps: int, ckpt_path=None, save_at=None, kind="mlp", kfac=(), **options
+):
     module = ShardedClassifier(network(kind), dataset(kind), GLOBAL_BATCH, lr=0.05)
     record = Record()
-    kfac = KFACCallback(batch_size=LocalBatch(GLOBAL_BATCH), **KFAC)
+    kfac = KFACCallback(batch_size=LocalBatch(GLOBAL_BATCH), **{**KFAC, **dict(kfac)})
     callbacks = [kfac, record]
     if save_at:
         callbacks.append(
@@ -127,7 +133,10 @@ def fit(out: Path, mode: str, steps: int, ckpt_path=None, save_at=None, kind="ml
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = KFACModelParallelStrategy(
-            data_parallel_size=2, tensor_parallel_size=1, kfac_shard_preconditioning=mode
+            data_parallel_size=2,
+            tensor_parallel_size=1,
+            kfac_shard_preconditioning=mode,
+            **options,
         )
     trainer(
         devices=2,
@@ -185,8 +194,9 @@ def main() -> None:
     results["resumed"] = fit(out, "gather", STEPS, ckpt_path=str(checkpoint))
     results["block_diagonal"] = fit(out, "block_diagonal", STEPS)
     results["plain"] = fit(out, "plain", STEPS)
-    results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn")
-    results["tokens"] = fit(out, "gather", STEPS, kind="tokens")
+    # background decompositions; factors reduced on every update, gathers in tiny buckets
+    results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn", kfac=CNN_KFAC)
+    results["tokens"] = fit(out, "gather", STEPS, kind="tokens", **TOKENS_STRATEGY)
     results["refusals"] = refusals()
     results["checkpoint_is_dir"] = checkpoint.is_dir()
     if dist.get_rank() == 0:
