@@ -100,6 +100,10 @@ class KFACCallback(Callback):
         factor_block_size: the widest block of a block-diagonal side (its blocks are nearly
             equal, so they decompose in one batched call).
         large_factors: ``"block-diagonal"`` or ``"diagonal"``.
+        factor_examples: take the factors of Linear and Conv layers from the first this many
+            examples of each batch (distributed K-FAC's cheaper statistics: A and G are the
+            same estimators over those examples); None uses every example. Other layer kinds
+            always use every example; under data parallelism each rank uses its first ones.
         inverse_method: ``"eigen"`` (eigendecompositions), or ``"cholesky"``: the damped
             inverses of dense Linear/Conv factors by Cholesky factorisation, formed once per
             decomposition and damping (several times cheaper than ``eigh``, two products per
@@ -147,6 +151,7 @@ class KFACCallback(Callback):
         large_factors: Literal["block-diagonal", "diagonal"] = "block-diagonal",
         factor_structure: Mapping[str, str | Mapping[str, str]] | None = None,
         inverse_method: Literal["eigen", "cholesky"] = "eigen",
+        factor_examples: int | None = None,
         factor_dtype: FactorDtype = "auto",
         staleness: Staleness = 0,
         verbose: bool = True,
@@ -173,6 +178,9 @@ class KFACCallback(Callback):
         self.include = None if include is None else check_str_list("include", include, patterns)
         self.exclude = check_str_list("exclude", exclude, patterns)
         self.reduce = check_str_list("reduce", reduce, patterns)
+        self.factor_examples = check_int_at_least(
+            "factor_examples", factor_examples, 1, none_ok=True
+        )
         self.inverse_method = check_choice("inverse_method", inverse_method, INVERSE_METHODS)
         if self.inverse_method == "cholesky" and self.options.damping_method != "factored":
             raise ValueError(
@@ -258,6 +266,7 @@ class KFACCallback(Callback):
             reduce=self.reduce,
             structures=self.structures,
             inverse=self.inverse_method,
+            factor_examples=self.factor_examples,
             block_type_for=lookup,
         )
         materialised = bool(self._lazy)  # registering again after the first batch

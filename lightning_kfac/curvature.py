@@ -205,6 +205,8 @@ class KroneckerBlock(CurvatureBlock):
     #: ``"eigen"``, or ``"cholesky"`` for damped inverses formed once per decomposition
     #: (factored damping only; a dense block only; see ``lightning_kfac.inverse``).
     inverse: str = "eigen"
+    #: Statistics from the first n' examples of each pass (None: all; reference, 13).
+    factor_examples: int | None = None
     _a_structure: FactorStructure | None = None
     _g_structure: FactorStructure | None = None
     _shapes: dict[str, tuple[int, ...]] | None = None
@@ -280,13 +282,28 @@ class KroneckerBlock(CurvatureBlock):
         K-FAC-reduce needs (default: already first)."""
         return x
 
+    def _subset(self, examples: int) -> int | None:
+        """How many of the pass's examples feed the factors, if not all."""
+        if self.factor_examples is None or not examples or examples <= self.factor_examples:
+            return None
+        return self.factor_examples
+
     def capture_input(self, x: Tensor, examples: int) -> tuple[dict[str, Tensor], int, Any]:
-        if not self.reduce:
+        subset = self._subset(examples)
+        if not self.reduce and subset is None:
             rows = self.input_rows(x)
             return self._input_statistics(rows), rows.shape[1], None
-        rows = self.input_rows(self.example_major(x, examples))
-        rows = self._per_example(rows, examples).mean(dim=2)
-        return self._input_statistics(rows), examples, examples
+        rows = self._example_rows(self.input_rows, x, examples, subset)
+        if self.reduce:
+            rows = rows.mean(dim=2)
+        return (
+            self._input_statistics(rows.flatten(1, -2)),
+            rows.shape[1:-1].numel(),
+            (
+                examples,
+                subset,
+            ),
+        )
 
     def _input_statistics(self, rows: Tensor) -> dict[str, Tensor]:
         if self.a_structure.kind == "dense":
@@ -296,20 +313,34 @@ class KroneckerBlock(CurvatureBlock):
         return self.a_structure.statistics("A", rows)
 
     def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
-        if not self.reduce:
-            rows = self.output_rows(grad_output)
-        else:
-            rows = self.output_rows(self.example_major(grad_output, context))
-            rows = self._per_example(rows, context).sum(dim=2)
-        return self.g_structure.statistics("G", rows)
+        if context is None:
+            return self.g_structure.statistics("G", self.output_rows(grad_output))
+        examples, subset = context
+        rows = self._example_rows(self.output_rows, grad_output, examples, subset)
+        if self.reduce:
+            rows = rows.sum(dim=2)
+        statistics = self.g_structure.statistics("G", rows.flatten(1, -2))
+        if subset is None:
+            return statistics
+        # the output statistics of n' examples stand for the pass's N (reference, 13)
+        return {key: value * (examples / subset) for key, value in statistics.items()}
+
+    def _example_rows(self, rows_of, x: Tensor, examples: int, subset: int | None) -> Tensor:
+        """Rows of the pass's first ``subset`` examples (all if None), per example:
+        ``(groups, examples, S, d)``."""
+        x = self.example_major(x, examples)
+        if subset is not None:
+            x, examples = x[:subset], subset
+        return self._per_example(rows_of(x), examples)
 
     def _per_example(self, rows: Tensor, examples: int) -> Tensor:
         """``(groups, N * S, d)`` rows, example-major, as ``(groups, N, S, d)``."""
         groups, count, width = rows.shape
         if not examples or count % examples:
             raise ValueError(
-                f"K-FAC-reduce: {type(self.module).__name__} saw {count} rows for {examples} "
-                "examples; its input must be (N, ..., features) or (T, N, features)"
+                f"K-FAC-reduce / factor_examples: {type(self.module).__name__} saw {count} rows "
+                f"for {examples} examples; its input must be (N, ..., features) or (T, N, "
+                "features)"
             )
         return rows.reshape(groups, examples, count // examples, width)
 
@@ -317,6 +348,7 @@ class KroneckerBlock(CurvatureBlock):
     def kind(self) -> str:
         notes = ["reduce"] if self.reduce else []
         notes += ["cholesky"] if self.inverse == "cholesky" else []
+        notes += [f"first {self.factor_examples} examples"] if self.factor_examples else []
         notes += [
             f"{side} {structure.describe()}"
             for side, structure in (("A", self.a_structure), ("G", self.g_structure))

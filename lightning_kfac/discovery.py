@@ -123,6 +123,7 @@ def discover(
     reduce: Sequence[str] = (),
     structures: StructurePolicy | None = None,
     inverse: str = "eigen",
+    factor_examples: int | None = None,
     block_type_for: BlockTypeFor = registry.block_type_for,
 ) -> Discovery:
     """Register every supported layer of ``model``.
@@ -138,6 +139,8 @@ def discover(
             ``StructurePolicy()``, dense up to 2048).
         inverse: ``"eigen"``, or ``"cholesky"`` for the dense Linear and Conv blocks
             (damped inverses instead of eigendecompositions; factored damping only).
+        factor_examples: Linear and Conv layers take their statistics from the first this
+            many examples of each pass (None: all).
         block_type_for: the lookup from a module to its block class (called as
             ``block_type_for(module)``, None if unsupported).
 
@@ -210,6 +213,7 @@ def discover(
                 structures.structure(name, "G", block.g_dim),
             )
             block.inverse = inverse if block.dense else "eigen"
+            block.factor_examples = factor_examples
         if reason:
             skipped.append(Skipped(name, type(module).__name__, reason))
 
