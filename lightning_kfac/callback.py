@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -20,17 +21,21 @@ from lightning_kfac import registry
 from lightning_kfac.capture import LossScale
 from lightning_kfac.discovery import discover, summary_table
 from lightning_kfac.distribution import DataParallelDistribution
+from lightning_kfac.ekfac import eigenvalue_corrected
 from lightning_kfac.engine import KFACEngine, StepStats
 from lightning_kfac.inverse import INVERSE_METHODS
+from lightning_kfac.likelihood import Likelihood
 from lightning_kfac.options import (
     Damping,
     DampingMethod,
     FactorDecay,
     FactorDtype,
     FactorUpdateFreq,
+    Fisher,
     InvUpdateFreq,
     KFACOptions,
     KLClip,
+    LikelihoodName,
     LogEveryNSteps,
     LossReduction,
     LossTerms,
@@ -128,6 +133,18 @@ class KFACCallback(Callback):
             ``extract_batch_size`` cannot read (default: that function).
         block_types: ``{module class: block class}`` for this fit, looked up before the
             global table of ``register_block_type``.
+        fisher: ``"empirical"`` (G from the training loss's gradients, the default) or
+            ``"true"`` (G from the gradients of a loss on targets sampled from the model's
+            predictive distribution, one extra backward pass over the same graph on factor
+            steps; the training loss and gradients are unchanged).
+        likelihood: with ``fisher="true"``, the distribution whose negative log-likelihood
+            is the loss: ``"categorical"`` (softmax cross-entropy), ``"gaussian"``
+            (``MSELoss``) or ``"bernoulli"`` (``BCEWithLogitsLoss``), or a ``Likelihood``.
+        fisher_output: with ``fisher="true"``, the name of the module whose output is the
+            model output (the logits); None: the last registered layer the forward pass runs.
+        eigenvalue_correction: EKFAC: every dense Linear and Conv block keeps a running
+            average of the per-example gradients' second moments in the Kronecker eigenbasis
+            and uses it in place of the eigenvalue products (needs ``damping_method="exact"``).
 
     Raises:
         ValueError: at construction, for any invalid argument, naming it and what is allowed.
@@ -160,6 +177,10 @@ class KFACCallback(Callback):
         loss_terms: LossTerms | Callable[[Any], float] = "examples",
         batch_size: Callable[[Any], int] | None = None,
         block_types: Mapping[type[nn.Module], Callable[[nn.Module], Any]] | None = None,
+        fisher: Fisher = "empirical",
+        likelihood: LikelihoodName | Likelihood = "categorical",
+        fisher_output: str | None = None,
+        eigenvalue_correction: bool = False,
     ) -> None:
         self.options = KFACOptions(
             damping=damping,
@@ -173,7 +194,13 @@ class KFACCallback(Callback):
             factor_dtype=factor_dtype,
             staleness=staleness,
             loss_terms=loss_terms,
+            fisher=fisher,
+            likelihood=likelihood,
+            eigenvalue_correction=eigenvalue_correction,
         )
+        if fisher_output is not None and not isinstance(fisher_output, str):
+            raise ValueError(f"fisher_output must be None or a module name, got {fisher_output!r}")
+        self.fisher_output = fisher_output
         patterns = "glob patterns (strings) of module names"
         self.include = None if include is None else check_str_list("include", include, patterns)
         self.exclude = check_str_list("exclude", exclude, patterns)
@@ -288,18 +315,43 @@ class KFACCallback(Callback):
                 "skipped layers); training continues with the plain optimizer."
             )
             return
+        blocks = found.blocks
+        if self.options.eigenvalue_correction:
+            blocks = eigenvalue_corrected(blocks)
         self.engine = KFACEngine(
-            found.blocks,
+            blocks,
             self.options,
             distribution=self._distribution(trainer),
             warn=rank_zero_warn,
+            output_module=self._fisher_output_module(pl_module),
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
         )
+
+    def _fisher_output_module(self, pl_module: pl.LightningModule) -> nn.Module | None:
+        """The ``fisher_output`` module (None: the last registered layer's output is used)."""
+        if self.fisher_output is None or self.options.fisher != "true":
+            return None
+        modules = dict(pl_module.named_modules())
+        if self.fisher_output not in modules:
+            names = [name for name in modules if name][:8]
+            raise ValueError(
+                f"K-FAC: fisher_output={self.fisher_output!r} names no module of the model; "
+                f"module names look like: {names}"
+            )
+        return modules[self.fisher_output]
 
     def _attach(self) -> None:
         """Install the hooks and say what K-FAC assumes (the factor dtype is known only
         now, after Lightning has converted the model's precision)."""
         self.engine.attach()
         rank_zero_info(f"KFACCallback: {self._loss_assumption()}; factors in {self.engine.dtype}.")
+        if self.engine.true_fisher is not None or self.engine._live:
+            likelihood = self.engine.true_fisher.likelihood if self.engine.true_fisher else None
+            notes = [f"true Fisher ({likelihood.name} likelihood)"] if likelihood else []
+            if self.engine._live:
+                live, total = len(self.engine._live), len(self.engine.blocks)
+                notes.append(f"EKFAC on {live} of {total} layers")
+            rank_zero_info(f"KFACCallback: {', '.join(notes)}.")
         describe = getattr(self.engine.distribution, "describe", None)
         if describe is not None and self.verbose:
             rank_zero_info(f"KFACCallback: {describe()}.")

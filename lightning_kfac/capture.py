@@ -192,6 +192,14 @@ class FactorCapture:
         self._pending: dict[str, list[_Sums]] = {name: [] for name in self.blocks}
         self._committed = {name: _Sums() for name in self.blocks}
         self._handles: list[RemovableHandle] = []
+        #: True Fisher: output statistics come from ``sampled_backward``'s gradients, not
+        #: from the training backward pass (no tensor hooks are registered then).
+        self.sampled = False
+        #: The calls of this pass waiting for ``sampled_backward``: (call, block, context,
+        #: gradient edge of the output).
+        self._awaiting: list[tuple[_Sums, CurvatureBlock, Any, Any]] = []
+        #: The output of the last registered layer the forward pass ran, and its block.
+        self.last_output: tuple[Tensor, CurvatureBlock] | None = None
         #: Host seconds spent inside the hooks since the last ``pop`` (on a GPU this is the
         #: time to launch the kernels, not to run them).
         self.seconds = 0.0
@@ -237,6 +245,7 @@ class FactorCapture:
         self._examples = examples
         self._microbatch_terms = loss_terms
         self._outputs, self._last_name = {}, None
+        self._awaiting, self.last_output = [], None
 
     def stop(self) -> None:
         """Disarm the hooks; what was accumulated stays until ``pop``."""
@@ -256,9 +265,39 @@ class FactorCapture:
             if all(p.grad is None for p in block.parameters()):
                 self._committed[name] = _Sums()
 
+    def terms(self) -> float:
+        """K of the pass whose forward just ran (before its backward)."""
+        return self._terms(self._examples)
+
+    def sampled_backward(self, sampled_loss: Callable[[], Tensor]) -> bool:
+        """True Fisher: the output statistics of the calls of this pass from the gradients
+        of ``sampled_loss()`` (called only if a call is waiting; unscaled: it is multiplied
+        by the pass's loss scale here and divided again in the statistics, as the training
+        loss is), by one extra backward pass over the same graph, which is kept for the
+        training backward. No ``.grad`` is touched. Returns whether any call was waiting."""
+        waiting, self._awaiting = self._awaiting, []
+        if not waiting:
+            return False
+        start = time.perf_counter()
+        grads = torch.autograd.grad(
+            sampled_loss() * self._loss_scale,
+            [edge for *_, edge in waiting],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for (call, block, context, _), grad in zip(waiting, grads):
+            if grad is None:
+                continue  # not reached by the model output: left pending, as in a backward
+            with _full_precision(grad.device.type):
+                statistics = block.capture_output(grad.to(self.dtype) / self._loss_scale, context)
+                _add(call.outputs, statistics)
+        self.seconds += time.perf_counter() - start
+        return True
+
     def end_backward(self) -> None:
         """After a backward pass: commit the pending statistics of every block it reached
         with this pass's N and K; drop those of blocks it did not reach."""
+        self._awaiting, self.last_output = [], None
         reached = {n: [c for c in calls if c.outputs] for n, calls in self._pending.items()}
         reached = {n: calls for n, calls in reached.items() if calls}
         if not reached:
@@ -297,6 +336,7 @@ class FactorCapture:
 
     def discard(self) -> None:
         """Drop everything pending and committed."""
+        self._awaiting, self.last_output = [], None
         self._pending = {name: [] for name in self.blocks}
         self._committed = {name: _Sums() for name in self.blocks}
         self.seconds = 0.0
@@ -347,12 +387,17 @@ class FactorCapture:
                 elements + output.numel(),
             )
             self._last_name = name
+            self.last_output = (output, block)
         with _full_precision(x.device.type):
             statistics, rows, context = capture_input(x.detach().to(self.dtype), self._examples)
             call = _Sums(rows=rows)
             _add(call.inputs, statistics)
             self._pending[name].append(call)
-        output.register_hook(self._gradient_hook(call, block, context))
+        if self.sampled:
+            edge = torch.autograd.graph.get_gradient_edge(output)
+            self._awaiting.append((call, block, context, edge))
+        else:
+            output.register_hook(self._gradient_hook(call, block, context))
         self.seconds += time.perf_counter() - start
 
     def _gradient_hook(self, call: _Sums, block: CurvatureBlock, context: Any):

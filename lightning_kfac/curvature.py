@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -137,6 +138,30 @@ class CurvatureBlock(ABC):
         """What the fit-start summary calls this block (default: its class name)."""
         return type(self).__name__
 
+    # -- live factors ----------------------------------------------------------------------
+
+    def live_keys(self) -> tuple[str, ...]:
+        """Keys of ``factor_shapes`` that are never decomposed: running averages read as they
+        are by every step's preconditioning (EKFAC's second moments). The engine hands their
+        current value to ``precondition``/``operator`` inside ``decompositions``, as ``Live``;
+        under data parallelism they are reduced across ranks on every factor update, and sent
+        whole (they need not be symmetric). Default: none."""
+        return ()
+
+    def installed(
+        self, decompositions: BlockDecompositions, running: dict[str, Tensor], new: bool
+    ) -> None:
+        """Called when decompositions are installed, before the step preconditions with them.
+
+        Args:
+            decompositions: the block's decompositions now in use.
+            running: its running factors, which the block may change in place (EKFAC resets
+                its second moments to the new eigenvalue products).
+            new: False when a resumed run recomputes the decompositions it had (the running
+                factors are then already those of the interrupted run).
+        """
+        return None
+
     def batch_key(self) -> Hashable:
         """Blocks with equal keys are preconditioned together by one ``operator`` (default:
         none share, each block is its own batch)."""
@@ -160,6 +185,17 @@ class CurvatureBlock(ABC):
             ]
 
         return apply
+
+
+@dataclass
+class Live:
+    """A live factor's current running average (see ``CurvatureBlock.live_keys``), handed to
+    ``precondition`` with the decompositions."""
+
+    value: Tensor
+
+    def tensors(self) -> tuple[Tensor]:
+        return (self.value,)
 
 
 def gram(rows: Tensor, homogeneous: bool) -> Tensor:

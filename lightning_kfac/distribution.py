@@ -235,21 +235,31 @@ class OwnerPreconditioning:
 class LazyReduction:
     """Every rank keeps running averages of its own factors; they are averaged over ranks
     only on decomposition steps (exact, as the running average is linear), bucket by
-    bucket, each rank decomposing what it owns while later buckets travel."""
+    bucket, each rank decomposing what it owns while later buckets travel. Live factors
+    (read by every step) ride with the head of every factor update instead, so they are
+    global at all times."""
 
     def combine_batch(self, dist, batch, names, head) -> Factors:
-        work = dist.collectives.all_reduce(head)
-        work.wait()
-        return {}
+        units = [(n, k) for n in names for k in dist.blocks[n].live_keys()]
+        if not units:
+            work = dist.collectives.all_reduce(head)
+            work.wait()
+            return {}
+        return _reduce_weighted(dist, batch, units, head)
 
     def reduce(self, dist: DataParallelDistribution, running) -> Factors:
-        units = _units(running)
+        units = [u for u in _units(running) if u[1] not in dist.blocks[u[0]].live_keys()]
         tensors = [running[name][key] for name, key in units]
-        reduced = dist.all_reduce(tensors)
-        out: Factors = {}
-        for (name, key), tensor in zip(units, reduced):
-            out.setdefault(name, {})[key] = tensor / dist.world_size
-        return out
+        reduced = dict(zip(units, dist.all_reduce(tensors)))
+        return {  # live factors are global already: copied
+            name: {
+                key: reduced[(name, key)] / dist.world_size
+                if (name, key) in reduced
+                else tensor.clone()
+                for key, tensor in pair.items()
+            }
+            for name, pair in running.items()
+        }
 
     def refresh(self, dist: DataParallelDistribution, running, decompose: Decompose):
         units = _units(running)
@@ -268,28 +278,29 @@ class LazyReduction:
         return factors, dist.assignment.share(dist, owned, factors)
 
 
+def _reduce_weighted(dist, batch, units: Sequence[Unit], head: Tensor) -> Factors:
+    """The sum over ranks of each unit's batch factor times the rank's N (zeros where the
+    block did not fire), with ``head`` reduced in place in the same collective."""
+    tensors = []
+    for name, key in units:
+        if name in batch:
+            tensors.append(batch[name].factors[key] * batch[name].examples)
+        else:
+            tensors.append(head.new_zeros(dist.blocks[name].factor_shapes()[key]))
+    reduced = dist.all_reduce(tensors, head, symmetric=dist.symmetric(units))
+    out: Factors = {}
+    for (name, key), tensor in zip(units, reduced):
+        out.setdefault(name, {})[key] = tensor
+    return out
+
+
 class EagerReduction:
     """The batch factors are averaged over ranks on every factor update (one collective),
     so every rank's running averages are already global."""
 
     def combine_batch(self, dist, batch, names, head) -> Factors:
-        tensors = []
-        for name in names:
-            shapes = dist.blocks[name].factor_shapes()
-            for key, shape in shapes.items():
-                if name in batch:
-                    tensors.append(batch[name].factors[key] * batch[name].examples)
-                else:
-                    tensors.append(head.new_zeros(shape))
-        reduced = dist.all_reduce(tensors, head)
-        out: Factors = {}
-        index = 0
-        for name in names:
-            out[name] = {}
-            for key in dist.blocks[name].factor_shapes():
-                out[name][key] = reduced[index]
-                index += 1
-        return out
+        units = [(name, key) for name in names for key in dist.blocks[name].factor_shapes()]
+        return _reduce_weighted(dist, batch, units, head)
 
     def reduce(self, dist: DataParallelDistribution, running) -> Factors:
         return snapshot(running)
@@ -352,6 +363,14 @@ class DataParallelDistribution:
                 f"rank must run the same model. Entries not on every rank: {differing}. "
                 f"This is rank {self.rank} with {len(signature)} layers."
             )
+        live = sorted(name for name, block in blocks.items() if block.live_keys())
+        if live and isinstance(self.assignment, OwnerPreconditioning):
+            raise ValueError(
+                "K-FAC: blocks with live factors (EKFAC's second moments, e.g. "
+                f"{live[:3]}) capture in their eigenbasis on every rank, which "
+                "precondition_mode='owner' keeps on one rank only; use "
+                "kfac_precondition_mode='shared'"
+            )
         self.blocks = dict(blocks)
         self.dtype = dtype
         first = next(iter(blocks.values()), None)
@@ -384,14 +403,14 @@ class DataParallelDistribution:
         for i, name in enumerate(names):
             if fired[i] < self.world_size:
                 continue
-            if name in reduced:
-                out[name] = {key: t / examples[i] for key, t in reduced[name].items()}
-            else:
-                weight = self.world_size * batch[name].examples / examples[i]
-                factors = batch[name].factors
-                out[name] = (
-                    factors if weight == 1.0 else {k: t * weight for k, t in factors.items()}
-                )
+            shared = reduced.get(name, {})
+            weight = self.world_size * batch[name].examples / examples[i]
+            out[name] = {
+                key: shared[key] / examples[i]
+                if key in shared
+                else (t if weight == 1.0 else t * weight)
+                for key, t in batch[name].factors.items()
+            }
         return out
 
     def reduce(self, running: Mapping[str, Mapping[str, Tensor]]) -> Factors:
@@ -460,25 +479,30 @@ class DataParallelDistribution:
     # -- bucketed all-reduce ---------------------------------------------------------------
 
     def all_reduce_buckets(
-        self, tensors: list[Tensor], head: Tensor | None = None
+        self,
+        tensors: list[Tensor],
+        head: Tensor | None = None,
+        symmetric: Sequence[bool] | None = None,
     ) -> Iterator[tuple[Tensor | None, list[tuple[int, Tensor]]]]:
         """Sum ``tensors`` over ranks, bucketed and asynchronous.
 
         Every bucket is in flight before the first is waited for; yields, bucket by bucket
         as each completes, the reduced ``head`` (a small vector riding in the first bucket,
         written back in place, else None) and ``(index, reduced tensor)`` pairs. Square
-        matrices travel as their upper triangle when ``pack_triangular`` is on.
+        matrices travel as their upper triangle when ``pack_triangular`` is on, except those
+        ``symmetric`` (one flag per tensor; default: all) marks as not symmetric.
         """
-        symmetric = self.options.pack_triangular
+        flags = [True] * len(tensors) if symmetric is None else list(symmetric)
+        packed = [
+            self.options.pack_triangular and flag and t.dim() >= 2 and t.shape[-1] == t.shape[-2]
+            for t, flag in zip(tensors, flags)
+        ]
 
-        def packable(t: Tensor) -> bool:
-            return symmetric and t.dim() >= 2 and t.shape[-1] == t.shape[-2]
-
-        sizes = [packed_size(t.shape, packable(t)) * t.element_size() for t in tensors]
+        sizes = [packed_size(t.shape, p) * t.element_size() for t, p in zip(tensors, packed)]
         groups = buckets(sizes, self.bucket_cap_bytes) if tensors else [[]]
         pending = []
         for index, bucket in enumerate(groups):
-            parts = [pack([tensors[i]], packable(tensors[i])) for i in bucket]
+            parts = [pack([tensors[i]], packed[i]) for i in bucket]
             if index == 0 and head is not None:
                 parts.insert(0, head)
             if not parts:
@@ -494,19 +518,22 @@ class DataParallelDistribution:
             items = []
             offset = 0
             for i in bucket:
-                count = packed_size(tensors[i].shape, packable(tensors[i]))
-                [tensor] = unpack(
-                    buffer[offset : offset + count], [tensors[i].shape], packable(tensors[i])
-                )
+                count = packed_size(tensors[i].shape, packed[i])
+                [tensor] = unpack(buffer[offset : offset + count], [tensors[i].shape], packed[i])
                 items.append((i, tensor))
                 offset += count
             yield head_out, items
 
-    def all_reduce(self, tensors: list[Tensor], head: Tensor | None = None) -> list[Tensor]:
+    def all_reduce(
+        self,
+        tensors: list[Tensor],
+        head: Tensor | None = None,
+        symmetric: Sequence[bool] | None = None,
+    ) -> list[Tensor]:
         """``all_reduce_buckets`` gathered: the reduced tensors in order (``head`` reduced
         in place)."""
         reduced: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-        for _, items in self.all_reduce_buckets(tensors, head):
+        for _, items in self.all_reduce_buckets(tensors, head, symmetric):
             for index, tensor in items:
                 reduced[index] = tensor
         return reduced

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_kfac.background import BackgroundDecomposer
 from lightning_kfac.capture import FactorCapture, LossScale, LossTerms
-from lightning_kfac.curvature import CurvatureBlock, Operator
+from lightning_kfac.curvature import CurvatureBlock, Live, Operator
 from lightning_kfac.decomposition import Decomposition
 from lightning_kfac.distribution import Distribution, LocalDistribution, Unit
 from lightning_kfac.factors import update_running
+from lightning_kfac.likelihood import TrueFisher
 from lightning_kfac.options import KFACOptions
 from lightning_kfac.preconditioning import kl_clip_scale
 from lightning_kfac.state import (
@@ -69,6 +70,9 @@ class KFACEngine:
         options: the hyperparameters.
         distribution: how work is shared between processes (default: single process).
         warn: called with a message for conditions reported once (default ``warnings.warn``).
+        output_module: with ``fisher="true"``, the module whose output is the model output
+            the targets are sampled at (default: the last registered layer the forward runs).
+        seed: with ``fisher="true"``, the seed of the sampling generator (with the rank).
     """
 
     def __init__(
@@ -77,6 +81,8 @@ class KFACEngine:
         options: KFACOptions,
         distribution: Distribution | None = None,
         warn: Callable[[str], None] | None = None,
+        output_module: nn.Module | None = None,
+        seed: int = 0,
     ) -> None:
         self.blocks = dict(blocks)
         self.options = options
@@ -92,6 +98,16 @@ class KFACEngine:
             dtype=self.dtype,
             loss_terms="examples" if callable(options.loss_terms) else options.loss_terms,
         )
+        self.capture.sampled = options.fisher == "true"
+        #: The true Fisher's sampler (None for the empirical Fisher).
+        self.true_fisher = (
+            TrueFisher(options.likelihood, seed, self.distribution.rank)
+            if options.fisher == "true"
+            else None
+        )
+        self.output_module = output_module
+        self._output: Tensor | None = None
+        self._output_handle = None
         self.state = {name: BlockState() for name in self.blocks}
         #: Steps taken by each optimizer, by its index (a GAN's generator and discriminator
         #: each count their own).
@@ -106,6 +122,8 @@ class KFACEngine:
         self._restored_decompositions = False
         self._operators: dict[Hashable, tuple[float, Operator]] = {}
         self._is_set_up = False
+        #: ``{name: live keys}`` of the blocks that have any (see ``CurvatureBlock.live_keys``).
+        self._live = {n: tuple(b.live_keys()) for n, b in self.blocks.items() if b.live_keys()}
 
     @property
     def pending(self) -> PendingDecomposition | None:
@@ -129,10 +147,20 @@ class KFACEngine:
             self.distribution.setup(self.blocks, self.dtype)
             self._is_set_up = True
         self.capture.attach()
+        if self.output_module is not None and self._output_handle is None:
+            self._output_handle = self.output_module.register_forward_hook(self._output_hook)
 
     def detach(self) -> None:
         """Remove the hooks."""
         self.capture.detach()
+        if self._output_handle is not None:
+            self._output_handle.remove()
+            self._output_handle = None
+        self._output = None
+
+    def _output_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self.capture.armed and torch.is_grad_enabled() and isinstance(output, Tensor):
+            self._output = output
 
     def close(self) -> None:
         """Remove the hooks and stop background work: a decomposition not yet started is
@@ -156,14 +184,39 @@ class KFACEngine:
             examples: N of this micro-batch (see ``FactorCapture.start_microbatch``).
             loss_terms: K of this micro-batch, overriding the ``loss_terms`` option.
         """
+        if self._restored_decompositions and self._live:
+            # blocks with live factors capture in the installed basis: restore it first
+            self._restore_decompositions(self.options.damping_at(self.steps))
         if self.options.is_factor_step(self.steps):
             self.capture.start_microbatch(loss_scale, examples, loss_terms)
         else:
             self.capture.stop()
 
     def begin_backward(self, loss_scale: LossScale | None = None) -> None:
-        """Called before each backward pass (see ``FactorCapture.begin_backward``)."""
+        """Called before each backward pass (see ``FactorCapture.begin_backward``). With the
+        true Fisher, on factor steps, first runs the sampled backward pass."""
         self.capture.begin_backward(loss_scale)
+        if self.true_fisher is not None and self.capture.armed:
+            self.capture.sampled_backward(self._sampled_loss)
+
+    def _sampled_loss(self) -> Tensor:
+        """The sampled loss at the model output (the named module's output, else that of the
+        last registered layer the forward pass ran), averaged over the pass's K terms."""
+        if self.output_module is not None:
+            output, module = self._output, self.output_module
+            if output is None:
+                raise ValueError(
+                    "K-FAC: fisher='true': the fisher_output module "
+                    f"{type(module).__name__} did not run in this forward pass"
+                )
+        elif self.capture.last_output is None:
+            raise ValueError("K-FAC: fisher='true': no registered layer gave a model output")
+        else:
+            output, block = self.capture.last_output
+            module = block.module
+        self._output = None
+        class_dim = 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+        return self.true_fisher.sampled_loss(output, self.capture.terms(), class_dim)
 
     def end_backward(self) -> None:
         """Called after each backward pass (see ``FactorCapture.end_backward``)."""
@@ -210,6 +263,11 @@ class KFACEngine:
             self.counters.skipped_batches += 1
             return
         update_running(((self.state[n].running, f) for n, f in update.items()), decay)
+        live = {n for n in update if n in self._live}
+        if live:  # operators read the live factors: rebuild those of the updated blocks
+            stale = [key for key in self._operators if live.intersection(key[1])]
+            for key in stale:
+                del self._operators[key]
 
     def _report_silent(self, batch: Mapping[str, Any], names: tuple[str, ...]) -> None:
         if self._reported_silent:
@@ -238,10 +296,7 @@ class KFACEngine:
             return self._decompose(units, damping)
 
         if self._restored_decompositions:
-            self._restored_decompositions = False
-            saved = {n: s.decomposed for n, s in self.state.items() if s.decomposed}
-            owned = self.distribution.decompose_owned(saved, decompose)
-            self._install(self.distribution.share(owned, saved), saved, self.decomposed_at)
+            self._restore_decompositions(damping)
         pending = self.pending_by_optimizer.get(optimizer)
         if pending is not None and pending.future is None:
             self._submit(pending, decompose)  # restarted after a resume or a close
@@ -251,7 +306,11 @@ class KFACEngine:
             decompositions = self.distribution.share(owned, pending.factors)
             self._install(decompositions, pending.factors, pending.origin_step)
         if self.options.is_inverse_step(step):
-            running = {n: self.state[n].running for n in names if self.state[n].running}
+            running = {
+                n: self._decomposed_keys(n, self.state[n].running)
+                for n in names
+                if self.state[n].running
+            }
             decomposed = any(self.state[n].decompositions for n in names)
             if self.options.staleness and decomposed:
                 factors = self.distribution.reduce(running)
@@ -262,6 +321,24 @@ class KFACEngine:
                 factors, decompositions = self.distribution.refresh(running, decompose)
                 self._install(decompositions, factors, step)
 
+    def _restore_decompositions(self, damping: float) -> None:
+        """After a resume: decompose again the saved factors behind the interrupted run's
+        decompositions and install them as they were (a collective under data parallelism;
+        every rank does it at the same point)."""
+        self._restored_decompositions = False
+        saved = {n: s.decomposed for n, s in self.state.items() if s.decomposed}
+
+        def decompose(units: Sequence[tuple[Unit, Tensor]]) -> dict[Unit, Decomposition | None]:
+            return self._decompose(units, damping)
+
+        owned = self.distribution.decompose_owned(saved, decompose)
+        self._install(self.distribution.share(owned, saved), saved, self.decomposed_at, new=False)
+
+    def _decomposed_keys(self, name: str, factors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``factors`` without the block's live keys (those are never decomposed)."""
+        live = self._live.get(name, ())
+        return {k: t for k, t in factors.items() if k not in live} if live else dict(factors)
+
     def _submit(self, pending: PendingDecomposition, decompose) -> None:
         inputs = [t for pair in pending.factors.values() for t in pair.values()]
         pending.future = self.background.submit(
@@ -269,7 +346,11 @@ class KFACEngine:
         )
 
     def _install(
-        self, decompositions: Decompositions, factors: Factors, origin_step: int | None
+        self,
+        decompositions: Decompositions,
+        factors: Factors,
+        origin_step: int | None,
+        new: bool = True,
     ) -> None:
         for name, pair in factors.items():
             state = self.state[name]
@@ -277,6 +358,8 @@ class KFACEngine:
             for key, decomposition in decompositions.get(name, {}).items():
                 if decomposition is not None:
                     state.decompositions[key] = decomposition
+            if name in decompositions:
+                self.blocks[name].installed(state.decompositions, state.running, new)
         self._operators.clear()
         self.decomposed_at = origin_step
 
@@ -346,7 +429,9 @@ class KFACEngine:
         out: dict[str, Tensor] = {}
         for name in grads:
             block, state = self.blocks[name], self.state[name]
-            if set(state.decompositions) >= set(block.factor_shapes()):
+            live = self._live.get(name, ())
+            needed = set(block.factor_shapes()) - set(live)
+            if set(state.decompositions) >= needed and set(state.running) >= set(live):
                 batches[block.batch_key()].append(name)
             else:
                 out[name] = grads[name]
@@ -355,13 +440,21 @@ class KFACEngine:
             cached = self._operators.get(cache_key)
             if cached is None or cached[0] != damping:
                 blocks = [self.blocks[n] for n in names]
-                decompositions = [self.state[n].decompositions for n in names]
+                decompositions = [self._in_use(n) for n in names]
                 operator = type(blocks[0]).operator(
                     blocks, decompositions, damping, self.options.damping_method
                 )
                 cached = self._operators[cache_key] = (damping, operator)
             out.update(zip(names, cached[1]([grads[n] for n in names])))
         return {name: out[name] for name in grads}
+
+    def _in_use(self, name: str) -> dict[str, Any]:
+        """The block's decompositions, with its live factors' current values as ``Live``."""
+        state = self.state[name]
+        live = self._live.get(name, ())
+        if not live:
+            return state.decompositions
+        return {**state.decompositions, **{key: Live(state.running[key]) for key in live}}
 
     @staticmethod
     def _weighted_inner(
@@ -438,7 +531,17 @@ class KFACEngine:
             "decompositions": self.counters.decompositions,
             "decomposition_fallbacks": dict(self.counters.decomposition_fallbacks),
             "reported_silent": self._reported_silent,
+            **({"true_fisher": self._sampler_states()} if self.true_fisher else {}),
         }
+
+    def _sampler_states(self) -> dict[str, Any]:
+        """Every rank's sampling generator state, in rank order (a collective under data
+        parallelism, as ``state_dict`` already is)."""
+        mine = self.true_fisher.state_dict()
+        collectives = getattr(self.distribution, "collectives", None)
+        if self.distribution.world_size == 1 or collectives is None:
+            return {"ranks": [mine]}
+        return {"ranks": list(collectives.all_gather_object(mine))}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` (this format, or format 1, upgraded); decompositions are
@@ -482,6 +585,15 @@ class KFACEngine:
             decomposition_fallbacks=Counter(state["decomposition_fallbacks"]),
         )
         self._reported_silent = bool(state["reported_silent"])
+        if self.true_fisher is not None and "true_fisher" in state:
+            ranks = state["true_fisher"]["ranks"]
+            if len(ranks) == self.distribution.world_size:
+                self.true_fisher.load_state_dict(ranks[self.distribution.rank])
+            else:  # another number of ranks: fresh streams, as a new run would draw
+                self.warn(
+                    f"K-FAC: the checkpoint's sampling generators are of {len(ranks)} ranks, "
+                    f"this run has {self.distribution.world_size}; they start afresh"
+                )
 
     def _check_layers(self, saved: Mapping[str, Mapping[str, Any]]) -> None:
         current = self._layers()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import torch
 
+from lightning_kfac.likelihood import LIKELIHOODS, Likelihood, check_fisher, check_likelihood
 from lightning_kfac.preconditioning import DAMPING_METHODS
 from lightning_kfac.schedules import Schedule
 
@@ -231,6 +232,9 @@ class KFACOptions:
     factor_dtype: str = "auto"
     staleness: int = 0
     loss_terms: str | float | Callable[[Any], float] = "examples"
+    fisher: str = "empirical"
+    likelihood: str | Likelihood = "categorical"
+    eigenvalue_correction: bool = False
 
     def __post_init__(self) -> None:
         self.damping = _check_schedule("damping", self.damping, check_damping)
@@ -269,6 +273,15 @@ class KFACOptions:
                 self.loss_terms,
                 above=0.0,
                 alternative=f", one of {LOSS_TERMS} or a callable of the batch",
+            )
+        self.fisher = check_fisher(self.fisher)
+        self.likelihood = check_likelihood(self.likelihood)
+        self.eigenvalue_correction = check_bool("eigenvalue_correction", self.eigenvalue_correction)
+        if self.eigenvalue_correction and self.damping_method != "exact":
+            raise ValueError(
+                "eigenvalue_correction=True needs damping_method='exact' (EKFAC damps its "
+                f"second moments, S + damping; there is no factored form), got "
+                f"damping_method={self.damping_method!r}"
             )
 
     def dtype_for(self, parameter_dtype: torch.dtype) -> torch.dtype:
@@ -433,6 +446,8 @@ if TYPE_CHECKING:
     FactorDtype: TypeAlias = Literal["auto", "float32", "float64"]
     LossTerms: TypeAlias = Literal["examples", "positions", "elements"] | float
     ProgressBarMetric: TypeAlias = str
+    Fisher: TypeAlias = Literal["empirical", "true"]
+    LikelihoodName: TypeAlias = Literal["categorical", "gaussian", "bernoulli"]
     PreconditionMode: TypeAlias = Literal["shared", "owner"]
     BucketCapMB: TypeAlias = float
     ShardPreconditioning: TypeAlias = Literal["gather", "block_diagonal"]
@@ -470,6 +485,12 @@ else:
         "LossTerms", Literal["examples", "positions", "elements"] | float, _loss_terms, float
     )
     ProgressBarMetric = _cli_type("ProgressBarMetric", str, _metric)
+    Fisher = _cli_type("Fisher", Literal["empirical", "true"], check_fisher)
+    LikelihoodName = _cli_type(
+        "LikelihoodName",
+        Literal["categorical", "gaussian", "bernoulli"],
+        lambda v: check_choice("likelihood", v, LIKELIHOODS),
+    )
     PreconditionMode = _cli_type(
         "PreconditionMode",
         Literal["shared", "owner"],

@@ -1,0 +1,150 @@
+"""Empirical Fisher vs true Fisher vs EKFAC, on the MNIST-1D CNN and the deep autoencoder.
+
+    python -m benchmarks.curvature            # the two tables of docs/benchmarks.md
+    python -m benchmarks.curvature --quick    # a smoke test
+
+MNIST-1D: the baseline CNN of ``examples/mnist1d_kfac.py`` at batch 100, K-FAC with SGD
+(momentum 0.9, lr 0.05, damping 1e-2), steps and training seconds to 90% and 94% test
+accuracy. Deep autoencoder (``benchmarks/autoencoder.py``): the target is the whole-set loss
+Adam (lr 1e-2, the best of that benchmark's grid) reaches at ``--steps`` steps in the same
+run and seed; K-FAC (SGD, momentum 0.9, damping 1e-2, each learning rate of a small grid)
+reports the steps and seconds to reach it and its own loss at the last step. Medians over
+``--seeds`` seeds; one run at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import lightning as L
+import torch
+from sklearn.datasets import load_digits
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks.autoencoder import Autoencoder, LossCurve
+from examples.mnist1d_kfac import train
+from lightning_kfac import KFACCallback
+
+#: name -> K-FAC options beyond the defaults (the likelihood is set per model).
+VARIANTS = {
+    "empirical Fisher": dict(),
+    "true Fisher": dict(fisher="true"),
+    "EKFAC (empirical)": dict(eigenvalue_correction=True),
+    "EKFAC + true Fisher": dict(fisher="true", eigenvalue_correction=True),
+}
+
+
+def median(values: list[float]) -> float:
+    """The median, ``inf`` (never) when half the runs or more miss."""
+    ordered = sorted(values)
+    return statistics.median(ordered) if ordered else math.inf
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "-" if math.isinf(value) else f"{value:.{digits}f}"
+
+
+def mnist1d(seeds: int, steps: int, eval_every: int, targets: tuple[float, ...]) -> None:
+    print(
+        f"\nMNIST-1D CNN, batch 100, lr 0.05, damping 1e-2, {steps} steps, {seeds} seeds; medians\n"
+    )
+    header = " | ".join(f"steps to {t:.0%} | s to {t:.0%}" for t in targets)
+    print(f"| curvature | final acc | ms/step | {header} |")
+    print("| --- | ---: | ---: | " + " | ".join("---: | ---:" for _ in targets) + " |")
+    for name, options in VARIANTS.items():
+        histories = [
+            train(
+                steps,
+                eval_every,
+                seed=seed,
+                optimizer="sgd",
+                lr=0.05,
+                kfac=dict(damping=1e-2, likelihood="categorical", **options),
+            )
+            for seed in range(seeds)
+        ]
+        cells = []
+        for target in targets:
+            hits = [h.first_reaching(target) or (math.inf, math.inf) for h in histories]
+            cells += [fmt(median([s for s, _ in hits]), 0), fmt(median([t for _, t in hits]))]
+        final = statistics.median(h.history[-1][2] for h in histories)
+        ms = statistics.median(1000 * h.train_seconds / h.history[-1][0] for h in histories)
+        print(f"| {name} | {final:.3f} | {ms:.2f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def autoencoder_run(seed: int, steps: int, every: int, digits, optimizer, lr, kfac):
+    L.seed_everything(seed, verbose=False)
+    curve = LossCurve(digits, every)
+    callbacks = [curve] + ([KFACCallback(**kfac, verbose=False)] if kfac is not None else [])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(TensorDataset(digits), batch_size=256, shuffle=True, drop_last=True)
+    trainer.fit(Autoencoder(optimizer, lr), loader)
+    return curve.points
+
+
+def first_below(points, target: float) -> tuple[float, float]:
+    for step, seconds, loss in points:
+        if loss <= target:
+            return step, seconds
+    return math.inf, math.inf
+
+
+def autoencoder(seeds: int, steps: int, every: int, lrs: list[float]) -> None:
+    digits = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
+    adam = [autoencoder_run(s, steps, every, digits, "adam", 1e-2, None) for s in range(seeds)]
+    targets = [points[-1][2] for points in adam]
+    adam_ms = statistics.median(1000 * p[-1][1] / p[-1][0] for p in adam)
+    print(
+        f"\nDeep autoencoder on digits, batch 256: target = Adam's (lr 1e-2) loss at {steps} "
+        f"steps, per seed (median {statistics.median(targets):.4f}, {adam_ms:.2f} ms/step); "
+        f"K-FAC damping 1e-2, {seeds} seeds; medians\n"
+    )
+    print("| curvature | lr | loss @ last step | ms/step | steps to target | s to target |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    adam_hits = [first_below(p, t) for p, t in zip(adam, targets)]
+    print(
+        f"| Adam (the target) | 0.01 | {statistics.median(targets):.4f} | {adam_ms:.2f} | "
+        f"{fmt(median([s for s, _ in adam_hits]), 0)} | {fmt(median([t for _, t in adam_hits]))} |"
+    )
+    for name, options in VARIANTS.items():
+        for lr in lrs:
+            kfac = dict(damping=1e-2, likelihood="bernoulli", **options)
+            runs = [autoencoder_run(s, steps, every, digits, "sgd", lr, kfac) for s in range(seeds)]
+            hits = [first_below(p, t) for p, t in zip(runs, targets)]
+            final = statistics.median(p[-1][2] for p in runs)
+            ms = statistics.median(1000 * p[-1][1] / p[-1][0] for p in runs)
+            print(
+                f"| {name} | {lr:g} | {final:.4f} | {ms:.2f} | "
+                f"{fmt(median([s for s, _ in hits]), 0)} | {fmt(median([t for _, t in hits]))} |",
+                flush=True,
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--mnist-steps", type=int, default=1000)
+    parser.add_argument("--autoencoder-steps", type=int, default=1500)
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.1])
+    parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
+    args = parser.parse_args()
+    if args.quick:
+        mnist1d(1, 40, 20, (0.5,))
+        autoencoder(1, 20, 10, [0.03])
+        return
+    mnist1d(args.seeds, args.mnist_steps, 25, (0.90, 0.94))
+    autoencoder(args.seeds, args.autoencoder_steps, 25, args.lrs)
+
+
+if __name__ == "__main__":
+    main()
