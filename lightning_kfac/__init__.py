@@ -4,7 +4,7 @@ from lightning_kfac.callback import KFACCallback
 from lightning_kfac.curvature import CurvatureBlock, KroneckerBlock
 from lightning_kfac.registry import register_block_type
 from lightning_kfac.schedules import ExponentialDecay, StepDecay
-from lightning_kfac.strategy import KFACDDPStrategy
+from lightning_kfac.strategy import KFACDDPStrategy, KFACModelParallelStrategy
 
 __version__ = "0.1.0"
 
@@ -13,6 +13,7 @@ __all__ = [
     "ExponentialDecay",
     "KFACCallback",
     "KFACDDPStrategy",
+    "KFACModelParallelStrategy",
     "KroneckerBlock",
     "StepDecay",
     "__version__",

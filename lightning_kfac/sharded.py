@@ -87,6 +87,23 @@ def check_parameter(name: str, parameter: nn.Parameter, world_size: int) -> None
         )
 
 
+def _row_separable(block: CurvatureBlock) -> bool:
+    """Whether ``block`` can precondition a slice of its gradient's rows with the matching
+    diagonal block of ``G``: a dense eigen Kronecker block of one group whose
+    preconditioning is the Kronecker block's own (not EKFAC, Cholesky inverses or a
+    structured factor)."""
+    return (
+        isinstance(block, KroneckerBlock)
+        and block.groups == 1
+        and getattr(block, "dense", True)
+        and getattr(block, "inverse", "eigen") == "eigen"
+        and not getattr(block, "live_keys", tuple)()
+        and type(block).precondition is KroneckerBlock.precondition
+        and set(block.factor_shapes()) == {"A", "G"}
+        and tuple(block.factor_shapes()["G"]) == (1, block.g_dim, block.g_dim)
+    )
+
+
 def _sharded_dim(tensor: Tensor) -> int | None:
     """The dim ``tensor`` (a block's gradient) is sharded along, None if it is whole here."""
     if not isinstance(tensor, DTensor):
@@ -145,12 +162,7 @@ class ShardedDistribution(DataParallelDistribution):
         self.row_local = {}
         if self.options.shard_preconditioning == "block_diagonal":
             for name, block in self.blocks.items():
-                first = block.parameters()[0]
-                if (
-                    isinstance(block, KroneckerBlock)
-                    and block.groups == 1
-                    and isinstance(first, DTensor)
-                ):
+                if _row_separable(block) and isinstance(block.parameters()[0], DTensor):
                     self.row_local[name] = rows_of(block.g_dim, self.world_size, self.rank)
             local = {(name, "G") for name in self.row_local}
             costs = {u: c for u, c in self.assignment.costs.items() if u not in local}

@@ -15,11 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_kfac import KFACCallback
+from lightning_kfac import KFACCallback, KFACModelParallelStrategy
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.communication import free_port
 from lightning_kfac.options import ShardedOptions
-from lightning_kfac.strategy import KFACModelParallelStrategy
 from tests.helpers import LocalBatch, StepIndexedClassifier, dummy_loader, trainer
 from tests.scripts.fit_sharded import CNN_KFAC, GLOBAL_BATCH, KFAC, STEPS, dataset, network
 
