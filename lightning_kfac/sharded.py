@@ -87,6 +87,45 @@ def check_parameter(name: str, parameter: nn.Parameter, world_size: int) -> None
         )
 
 
+def _verified_layout(block: CurvatureBlock) -> bool:
+    """Whether ``block`` reads and writes its gradient in a way checked with DTensor
+    gradients: that of the Kronecker (Linear, Conv), embedding or scale-and-shift
+    (normalisation) blocks, or EKFAC around a Kronecker block."""
+    from lightning_kfac.embedding import EmbeddingBlock
+    from lightning_kfac.normalization import ScaleShiftBlock
+
+    inner = getattr(block, "inner", None)
+    if isinstance(inner, CurvatureBlock) and type(block).__name__ == "EigenvalueCorrectedBlock":
+        return _verified_layout(inner)
+    return any(
+        isinstance(block, base)
+        and type(block).gradient is base.gradient
+        and type(block).set_gradient is base.set_gradient
+        for base in (KroneckerBlock, EmbeddingBlock, ScaleShiftBlock)
+    )
+
+
+def check_gradient_layouts(blocks: Mapping[str, CurvatureBlock]) -> None:
+    """Refuse sharded layers whose block reads its gradient in a way not checked with
+    DTensor gradients (it could slice across shards and write into a temporary).
+
+    Raises:
+        ValueError: naming the layers and what is supported.
+    """
+    refused = [
+        f"{name!r} ({getattr(block, 'kind', type(block).__name__)})"
+        for name, block in blocks.items()
+        if any(isinstance(p, DTensor) for p in block.parameters()) and not _verified_layout(block)
+    ]
+    if refused:
+        raise ValueError(
+            "K-FAC under sharding supports Linear, Conv, Embedding and normalisation layers "
+            "(and EKFAC on Linear and Conv); these sharded layers are of another kind: "
+            f"{', '.join(refused)}. Exclude them from K-FAC (KFACCallback(exclude=[...])) "
+            "or do not shard them."
+        )
+
+
 def _row_separable(block: CurvatureBlock) -> bool:
     """Whether ``block`` can precondition a slice of its gradient's rows with the matching
     diagonal block of ``G``: a dense eigen Kronecker block of one group whose
@@ -158,6 +197,7 @@ class ShardedDistribution(DataParallelDistribution):
         for name, block in blocks.items():
             for parameter in block.parameters():
                 check_parameter(name, parameter, self.world_size)
+        check_gradient_layouts(blocks)
         super().setup(blocks, dtype)
         self.row_local = {}
         if self.options.shard_preconditioning == "block_diagonal":
@@ -325,7 +365,10 @@ class ShardedDistribution(DataParallelDistribution):
         )
         kept = 0
         for name, block in self.blocks.items():
+            live = set(getattr(block, "live_keys", tuple)())  # never decomposed (EKFAC)
             for key in block.factor_shapes():
+                if key in live:
+                    continue
                 if (name, key) in self.assignment.costs or name not in self.row_local:
                     kept += sum(math.prod(s) for s in block.decomposition_shapes(key))
                 else:

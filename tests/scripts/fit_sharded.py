@@ -8,11 +8,12 @@ set (so Lightning launches nothing and every fit below shares one process group)
 Runs, in order: the gather mode for ``STEPS`` steps (a distributed checkpoint at step
 ``STEPS // 2``), a resume from that checkpoint to ``STEPS``, the block-diagonal mode, the
 gather mode under Lightning's plain ``ModelParallelStrategy``, a CNN with a grouped conv
-(block-diagonal: its Linear head row-local, the convs gathered), a model with an embedding,
-LayerNorm and BatchNorm1d (gather), and the layout checks that
-must refuse HSDP and non-dim-0 sharding. Rank 0 writes ``OUT_DIR/results.pt``: every run's
-final full parameters, each rank's KL-clip scales, whether K-FAC's replicated state was
-bitwise equal on both ranks, each rank's memory report and the refusal messages.
+(block-diagonal: the grouped conv gathered, the other layers row-local), a model with an
+embedding, LayerNorm and BatchNorm1d (gather), EKFAC (gather), and the layout checks that
+must refuse HSDP, non-dim-0 sharding and a sharded attention layer. Rank 0 writes
+``OUT_DIR/results.pt``: every run's final full parameters, each rank's KL-clip scales,
+whether K-FAC's replicated state was bitwise equal on both ranks, each rank's memory
+report and the refusal messages.
 """
 
 import os
@@ -30,7 +31,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lightning_kfac import KFACCallback
-from lightning_kfac.sharded import check_parameter
+from lightning_kfac.discovery import discover
+from lightning_kfac.sharded import check_gradient_layouts, check_parameter
 from lightning_kfac.strategy import KFACModelParallelStrategy
 from tests.helpers import (
     LocalBatch,
@@ -51,6 +53,8 @@ GLOBAL_BATCH = 24
 KFAC = dict(damping=1e-2, factor_update_freq=1, inv_update_freq=2, kl_clip=1e-4, verbose=False)
 #: The CNN run's extra K-FAC options: decompositions in the background.
 CNN_KFAC = {"staleness": 1}
+#: The EKFAC run's extra K-FAC options.
+EKFAC = {"eigenvalue_correction": True}
 #: The tokens run's strategy options: eager reduction, gathers of one layer or less a bucket.
 TOKENS_STRATEGY = {"kfac_reduce_every_update": True, "kfac_bucket_cap_mb": 0.001}
 
@@ -184,6 +188,13 @@ def refusals() -> list[str]:
             messages.append("")
         except ValueError as error:
             messages.append(str(error))
+    attention = nn.MultiheadAttention(4, 2)  # its block slices the packed q, k, v rows
+    fully_shard(attention, mesh=flat)
+    try:
+        check_gradient_layouts(discover(nn.Sequential(attention)).blocks)
+        messages.append("")
+    except ValueError as error:
+        messages.append(str(error))
     return messages
 
 
@@ -197,6 +208,7 @@ def main() -> None:
     # background decompositions; factors reduced on every update, gathers in tiny buckets
     results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn", kfac=CNN_KFAC)
     results["tokens"] = fit(out, "gather", STEPS, kind="tokens", **TOKENS_STRATEGY)
+    results["ekfac"] = fit(out, "gather", STEPS, kfac=EKFAC)
     results["refusals"] = refusals()
     results["checkpoint_is_dir"] = checkpoint.is_dir()
     if dist.get_rank() == 0:
