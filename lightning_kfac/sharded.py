@@ -271,9 +271,15 @@ class ShardedDistribution(DataParallelDistribution):
                 if dim != grad.dim() - 2:
                     raise ValueError(f"{SUPPORTED}; {name!r}'s rows are sharded along {dim}")
                 local_rows[name] = grad.to_local()
+                start, end = self.row_local[name]
+                if local_rows[name].shape[-2] != end - start:
+                    raise ValueError(f"{SUPPORTED}; {name!r} holds unexpected rows here")
                 continue
             local = grad.to_local().movedim(dim, 0).contiguous()
             size = grad.shape[dim]
+            start, end = rows_of(size, self.world_size, self.rank)
+            if local.shape[0] != end - start:
+                raise ValueError(f"{SUPPORTED}; {name!r} holds unexpected rows here")
             item = _Sharded(
                 name, dim, local, size, math.ceil(size / self.world_size), local.shape[1:]
             )
