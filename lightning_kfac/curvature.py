@@ -453,7 +453,7 @@ class KroneckerBlock(CurvatureBlock):
     def batch_key(self) -> Hashable:
         if not self.dense:
             return id(self)
-        return (KroneckerBlock, self.groups, self.a_dim, self.g_dim)
+        return (KroneckerBlock, self.inverse, self.groups, self.a_dim, self.g_dim)
 
     @classmethod
     def operator(
