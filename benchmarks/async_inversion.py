@@ -18,9 +18,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.loop import train_step
 from benchmarks.plotting import pyplot, save
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
@@ -51,11 +51,7 @@ def run(args, staleness: int) -> list[float]:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        engine.start_microbatch()
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        engine.step(optimizer.param_groups)
-        optimizer.step()
+        train_step(model, optimizer, engine, x, y)
         times.append(time.perf_counter() - start)
     engine.close()
     return times

@@ -23,10 +23,10 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.loop import train_step
 from lightning_kfac.communication import Collectives, free_port
 from lightning_kfac.discovery import discover
 from lightning_kfac.distribution import DataParallelDistribution
@@ -105,13 +105,7 @@ def worker(rank: int, world: int, port: int, args, model_name: str, kfac: bool, 
     times = []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
-        if engine:
-            engine.start_microbatch()
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if engine:
-            engine.step(optimizer.param_groups)
-        optimizer.step()
+        train_step(model, optimizer, engine, x, y)
         times.append(time.perf_counter() - start)
     times = times[args.warmup :]
     traffic = 0

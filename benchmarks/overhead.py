@@ -22,9 +22,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.loop import train_step
 from examples.mnist1d_kfac import MNIST1DClassifier
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
@@ -118,13 +118,7 @@ class Runner:
         """Seconds per step over ``count`` steps."""
         start = self.clock()
         for _ in range(count):
-            if self.engine:
-                self.engine.start_microbatch()
-            self.optimizer.zero_grad()
-            F.cross_entropy(self.model(self.x), self.y).backward()
-            if self.engine:
-                self.engine.step(self.optimizer.param_groups)
-            self.optimizer.step()
+            train_step(self.model, self.optimizer, self.engine, self.x, self.y)
         return (self.clock() - start) / count
 
 

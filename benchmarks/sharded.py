@@ -25,13 +25,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from benchmarks.loop import train_step
 from lightning_kfac.communication import Collectives, free_port
 from lightning_kfac.discovery import discover
 from lightning_kfac.distribution import DataParallelDistribution
@@ -118,13 +118,7 @@ def worker(rank: int, port: int, args, config: tuple, queue) -> None:
     times = []
     for _ in range(args.warmup + args.steps):
         start = time.perf_counter()
-        if engine:
-            engine.start_microbatch()
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        if engine:
-            engine.step(optimizer.param_groups)
-        optimizer.step()
+        train_step(model, optimizer, engine, x, y)
         times.append(time.perf_counter() - start)
     times = times[args.warmup :]
     memory = {}
