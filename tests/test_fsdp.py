@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_kfac import KFACCallback, KFACDDPStrategy, KFACModelParallelStrategy
+from lightning_kfac import KFACCallback, KFACModelParallelStrategy
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.communication import free_port
 from lightning_kfac.options import ShardedOptions
@@ -204,20 +204,13 @@ def test_memory_per_rank_reported_and_smaller_block_diagonal(sharded):
     assert sum(m["parameter_shards"] for m in gather["memory"]) == whole
 
 
-def test_ekfac_under_sharding_equals_kfac_ddp(sharded):
+def test_ekfac_under_sharding_equals_one_process_with_the_global_batch(sharded):
     """EKFAC (its second moments S live, reduced on every factor update) gathered under
-    sharding equals EKFAC under kfac_ddp. (Both differ from one process with the global
-    batch by about 1e-4 relative here: that is EKFAC's data-parallel S, not sharding.)"""
-    module = StepIndexedClassifier(network(), dataset(), GLOBAL_BATCH, lr=0.05)
-    kfac = KFACCallback(batch_size=LocalBatch(GLOBAL_BATCH), **{**KFAC, **EKFAC})
-    trainer(
-        devices=RANKS,
-        strategy=KFACDDPStrategy(start_method="spawn"),
-        max_steps=STEPS,
-        callbacks=[kfac],
-    ).fit(module, dummy_loader())
-    want = {name: p.detach() for name, p in module.named_parameters()}
-    assert_params_close(sharded["ekfac"]["params"], want, 1e-10, 1e-13)
+    sharding equals one process with the global batch. The model's factors are full rank
+    at this batch: EKFAC's S depends on the basis chosen inside a repeated eigenvalue (a
+    rank-deficient factor's null space), which round-off picks differently per layout."""
+    assert_params_close(sharded["ekfac"]["params"], single_process("narrow", **EKFAC))
+    assert sharded["ekfac"]["identical"]
 
 
 def test_unsupported_layouts_refused_with_what_is_supported(sharded):

@@ -60,8 +60,10 @@ TOKENS_STRATEGY = {"kfac_reduce_every_update": True, "kfac_bucket_cap_mb": 0.001
 
 
 def dataset(kind: str = "mlp"):
-    """float64 data: classification (mlp), sequences (cnn) or tokens (tokens)."""
-    data = {"mlp": classification_data, "cnn": sequence_data, "tokens": token_data}[kind](
+    """float64 data: classification (mlp, narrow), sequences (cnn) or tokens (tokens)."""
+    kinds = {"mlp": classification_data, "narrow": classification_data}
+    kinds |= {"cnn": sequence_data, "tokens": token_data}
+    data = kinds[kind](
         GLOBAL_BATCH * 4
     )
     x, y = data.tensors
@@ -74,6 +76,8 @@ def network(kind: str = "mlp", ranks: int = 1) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
         return mlp().double()
+    if kind == "narrow":  # every factor full rank at the global batch (see EKFAC's test)
+        return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     if kind == "cnn":  # a grouped conv: its gradient is sharded along the groups
         return cnn().double()
     return TokenNet(ghost_batches=ranks).double()
@@ -208,7 +212,7 @@ def main() -> None:
     # background decompositions; factors reduced on every update, gathers in tiny buckets
     results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn", kfac=CNN_KFAC)
     results["tokens"] = fit(out, "gather", STEPS, kind="tokens", **TOKENS_STRATEGY)
-    results["ekfac"] = fit(out, "gather", STEPS, kfac=EKFAC)
+    results["ekfac"] = fit(out, "gather", STEPS, kind="narrow", kfac=EKFAC)
     results["refusals"] = refusals()
     results["checkpoint_is_dir"] = checkpoint.is_dir()
     if dist.get_rank() == 0:
