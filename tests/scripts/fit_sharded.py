@@ -63,9 +63,7 @@ def dataset(kind: str = "mlp"):
     """float64 data: classification (mlp, narrow), sequences (cnn) or tokens (tokens)."""
     kinds = {"mlp": classification_data, "narrow": classification_data}
     kinds |= {"cnn": sequence_data, "tokens": token_data}
-    data = kinds[kind](
-        GLOBAL_BATCH * 4
-    )
+    data = kinds[kind](GLOBAL_BATCH * 4)
     x, y = data.tensors
     return torch.utils.data.TensorDataset(x.double() if x.is_floating_point() else x, y)
 
