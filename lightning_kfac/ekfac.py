@@ -15,6 +15,7 @@ factor steps after it running-average ``S`` in that basis. Plain PyTorch, no Lig
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +37,15 @@ SECOND_MOMENTS = "S"
 CHUNK_ELEMENTS = 1 << 24
 
 
+def _rotate(
+    inputs: Tensor, outputs: Tensor, q_a: Tensor, q_g: Tensor, has_bias: bool
+) -> tuple[Tensor, Tensor]:
+    """Rows in the eigenbases: ``(groups, N, S, a)`` and ``(groups, N, S, g)``."""
+    if has_bias:
+        inputs = F.pad(inputs, (0, 1), value=1.0)
+    return inputs @ q_a.unsqueeze(1), outputs @ q_g.unsqueeze(1)
+
+
 def second_moments(
     inputs: Tensor, outputs: Tensor, q_a: Tensor, q_g: Tensor, has_bias: bool
 ) -> Tensor:
@@ -51,10 +61,7 @@ def second_moments(
     Returns:
         ``(groups, g, a)``.
     """
-    if has_bias:
-        inputs = F.pad(inputs, (0, 1), value=1.0)
-    rotated_a = inputs @ q_a.unsqueeze(1)  # (groups, N, S, a)
-    rotated_g = outputs @ q_g.unsqueeze(1)  # (groups, N, S, g)
+    rotated_a, rotated_g = _rotate(inputs, outputs, q_a, q_g, has_bias)
     groups, examples, rows, width_g = rotated_g.shape
     if rows == 1:  # W_n is an outer product: sum_n W_n**2 = (g**2)^T (a**2), one product
         return (rotated_g[:, :, 0] ** 2).mT @ (rotated_a[:, :, 0] ** 2)
@@ -67,15 +74,52 @@ def second_moments(
     return total
 
 
+def example_gradients(
+    inputs: Tensor, outputs: Tensor, q_a: Tensor, q_g: Tensor, has_bias: bool
+) -> Tensor:
+    """Every ``W_n`` (arguments as for ``second_moments``): ``(groups, N, g, a)``."""
+    rotated_a, rotated_g = _rotate(inputs, outputs, q_a, q_g, has_bias)
+    return rotated_g.mT @ rotated_a
+
+
+@dataclass
+class _Calls:
+    """The calls of one module in one forward pass (those made before its first output
+    gradient arrives), whose per-example gradients are summed before squaring."""
+
+    made: int = 0
+    reported: int = 0
+    closed: bool = False
+    #: Sum of the reported calls' ``W_n``, ``(groups, N, g, a)``, while calls are pending.
+    total: Tensor | None = None
+
+    def squares(self, gradients: Tensor) -> Tensor:
+        """This call's share of ``sum_n (sum_calls W_n)**2``: ``(2 T + W) * W`` with ``T``
+        the calls reported before, so the shares of every call that reports sum to the
+        square of their sum (a call its backward never reaches has gradient zero)."""
+        self.reported += 1
+        if self.total is None:
+            share = gradients * gradients
+            self.total = gradients
+        else:
+            share = (2 * self.total + gradients) * gradients
+            self.total = self.total + gradients
+        if self.reported >= self.made:
+            self.total = None
+        return share.sum(dim=1)
+
+
 class EigenvalueCorrectedBlock(CurvatureBlock):
     """EKFAC for a dense ``KroneckerBlock`` (its geometry, gradient layout and ``A``, ``G``
-    capture are the inner block's, K-FAC-reduce and ``factor_examples`` included, while ``S``
-    always comes from every example's true gradient).
+    capture are the inner block's, K-FAC-reduce included; ``S`` always comes from each
+    example's true gradient, from the same examples as ``A`` and ``G`` under
+    ``factor_examples``).
 
     Before the first decomposition the block has no basis and captures ``S = 0`` (replaced at
-    the first install). A module called several times in one forward pass has each call's
-    rows summed and squared separately (the reference sums an example's rows over calls
-    before squaring; the cross terms between calls are left out).
+    the first install). A module called several times in one forward pass has each
+    example's rows summed over its calls before squaring: the calls made before the first of
+    their output gradients arrives are one group, and while a group has calls pending it
+    holds the sum of its reported calls' per-example gradients, ``(groups, N, g, a)``.
 
     Args:
         inner: the dense Kronecker block of the layer.
@@ -89,6 +133,8 @@ class EigenvalueCorrectedBlock(CurvatureBlock):
         #: ``(Q_A, Q_G)`` of the decompositions in use, None before the first.
         self.basis: tuple[Tensor, Tensor] | None = None
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        #: The calls of the current forward pass (see the class docstring).
+        self._calls: _Calls | None = None
 
     # -- what is kept ----------------------------------------------------------------------
 
@@ -116,15 +162,18 @@ class EigenvalueCorrectedBlock(CurvatureBlock):
         statistics, count, context = inner.capture_input(x, examples)
         if self.basis is None:
             return statistics, count, (context, None)
-        rows = inner.input_rows(inner.example_major(x, examples))
-        if not examples or rows.shape[1] % examples:
+        if not examples or inner.input_rows(x).shape[1] % examples:
             raise ValueError(
-                f"EKFAC: {type(self.module).__name__} saw {rows.shape[1]} rows for {examples} "
-                "examples, so its rows cannot be assigned to examples; its input must be "
-                "(N, ..., features) or (T, N, features)"
+                f"EKFAC: {type(self.module).__name__} saw {inner.input_rows(x).shape[1]} rows "
+                f"for {examples} examples, so its rows cannot be assigned to examples; its "
+                "input must be (N, ..., features) or (T, N, features)"
             )
-        per_example = inner._per_example(rows, examples)  # (groups, N, S, d)
-        return statistics, count, (context, (per_example, examples))
+        subset = inner._subset(examples)
+        per_example = inner._example_rows(inner.input_rows, x, examples, subset)
+        if self._calls is None or self._calls.closed:
+            self._calls = _Calls()
+        self._calls.made += 1
+        return statistics, count, (context, (per_example, examples, subset, self._calls))
 
     def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
         inner_context, saved = context
@@ -134,13 +183,18 @@ class EigenvalueCorrectedBlock(CurvatureBlock):
             shape = (inner.groups, inner.g_dim, inner.a_dim)
             statistics[SECOND_MOMENTS] = grad_output.new_zeros(shape)
             return statistics
-        inputs, examples = saved
-        rows = inner.output_rows(inner.example_major(grad_output, examples))
-        outputs = inner._per_example(rows, examples)
-        q_a, q_g = self.basis
-        statistics[SECOND_MOMENTS] = second_moments(
-            inputs, outputs, q_a.to(inputs.dtype), q_g.to(inputs.dtype), inner.has_bias
-        )
+        inputs, examples, subset, calls = saved
+        calls.closed = True
+        outputs = inner._example_rows(inner.output_rows, grad_output, examples, subset)
+        q_a, q_g = (q.to(inputs.dtype) for q in self.basis)
+        if calls.made == 1:
+            moments = second_moments(inputs, outputs, q_a, q_g, inner.has_bias)
+        else:
+            gradients = example_gradients(inputs, outputs, q_a, q_g, inner.has_bias)
+            moments = calls.squares(gradients)
+        if subset is not None:  # n' examples stand for the pass's N, as for G
+            moments = moments * (examples / subset)
+        statistics[SECOND_MOMENTS] = moments
         return statistics
 
     # -- decomposition ---------------------------------------------------------------------

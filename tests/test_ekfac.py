@@ -48,6 +48,21 @@ class Pooled(nn.Module):
         return self.head(h.mean(1 if self.batch_first else 0))
 
 
+class Shared(nn.Module):
+    """One Linear called twice per forward pass (an unrolled recurrence), on ``(N, d)`` or
+    ``(N, T, d)``: an example's rows must be summed over both calls before squaring."""
+
+    def __init__(self, sequence: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+        self.sequence = sequence
+
+    def forward(self, x):
+        h = torch.tanh(self.body(torch.tanh(self.body(x))))
+        return self.head(h.mean(1) if self.sequence else h)
+
+
 class ConvNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -67,6 +82,10 @@ def model_and_data(kind: str, seed: int = 0):
         net, x = Pooled(), torch.randn(N, 7, 4, dtype=F64)
     elif kind == "sequence-first":
         net, x = Pooled(batch_first=False), torch.randn(7, N, 4, dtype=F64)
+    elif kind in ("shared", "shared-subset"):
+        net, x = Shared(), torch.randn(N, 4, dtype=F64)
+    elif kind == "shared-sequence":
+        net, x = Shared(sequence=True), torch.randn(N, 7, 4, dtype=F64)
     else:
         net, x = ConvNet(), torch.randn(N, 2, 6, dtype=F64)
     y = torch.randint(0, 3, (N,))
@@ -86,7 +105,7 @@ def blocks_of(net: nn.Module, ekfac: bool) -> dict:
     return eigenvalue_corrected(found) if ekfac else found
 
 
-def engine_for(net, ekfac=True, reduce=(), **options) -> KFACEngine:
+def engine_for(net, ekfac=True, reduce=(), factor_examples=None, **options) -> KFACEngine:
     settings = dict(
         damping=DAMPING,
         factor_decay=DECAY,
@@ -99,6 +118,8 @@ def engine_for(net, ekfac=True, reduce=(), **options) -> KFACEngine:
     blocks = blocks_of(net, ekfac)
     for name in reduce:  # K-FAC-reduce for A and G; S still from every example's gradient
         (blocks[name].inner if ekfac else blocks[name]).reduce = True
+    for block in blocks.values():
+        (block.inner if ekfac else block).factor_examples = factor_examples
     engine = KFACEngine(blocks, KFACOptions(**settings))
     engine.attach()
     return engine
@@ -125,24 +146,35 @@ def combined(layer: nn.Module) -> torch.Tensor:
     )
 
 
-def reference_second_moments(kind, net, x, y, bases) -> dict[str, torch.Tensor]:
+def reference_second_moments(kind, net, x, y, bases, examples=N) -> dict[str, torch.Tensor]:
     """``K sum_n W_n * W_n`` by an explicit loop over examples: each example's gradient of its
-    own loss term (times 1/N, as autograd hands it for the mean loss), rotated, squared."""
+    own loss term (times 1/N, as autograd hands it for the mean loss; every call of a module
+    called twice included), rotated, squared. From the first ``examples`` examples only,
+    scaled by ``N / examples``, for ``factor_examples``."""
     layers = {name: m for name, m in net.named_modules() if name in bases}
     total = {name: 0.0 for name in bases}
-    for n in range(N):
+    for n in range(examples):
         net.zero_grad(set_to_none=True)
         (F.cross_entropy(net(example(kind, x, n)), y[n : n + 1]) / N).backward()
         for name, (q_a, q_g) in bases.items():
             rotated = q_g.mT @ combined(layers[name]) @ q_a
             total[name] = total[name] + rotated**2
-    return {name: N * value for name, value in total.items()}
+    return {name: N * (N / examples) * value for name, value in total.items()}
 
 
-@pytest.mark.parametrize("kind", ["mlp", "sequence", "sequence-reduce", "sequence-first", "conv"])
+KINDS = ["mlp", "sequence", "sequence-reduce", "sequence-first", "conv"]
+KINDS += ["shared", "shared-sequence", "shared-subset"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_second_moments_and_step_match_the_per_example_reference(kind):
     net, x, y = model_and_data(kind)
-    engine = engine_for(net, reduce=["body"] if kind == "sequence-reduce" else ())
+    examples = 4 if kind == "shared-subset" else N
+    engine = engine_for(
+        net,
+        reduce=["body"] if kind == "sequence-reduce" else (),
+        factor_examples=examples if examples < N else None,
+    )
     kfac_step(engine, net, x, y)  # step 0: the first decomposition, S reset to e_G e_A^T
     names = list(engine.blocks)
     bases, start = {}, {}
@@ -157,7 +189,7 @@ def test_second_moments_and_step_match_the_per_example_reference(kind):
     raw = kfac_step(engine, net, x1, y)
     stepped = {name: block.gradient().clone() for name, block in engine.blocks.items()}
     engine.capture.stop()  # the loop's forward passes are not factor batches
-    want = reference_second_moments(kind, net, x1, y, bases)
+    want = reference_second_moments(kind, net, x1, y, bases, examples)
     for name in names:
         s = engine.state[name].running["S"][0]
         expected = DECAY * start[name] + (1 - DECAY) * want[name]
@@ -349,3 +381,21 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     s_one = one.engine.state["net.0"].running["S"].reshape(-1)
     assert s_one.dtype == F64
     torch.testing.assert_close(s_two, s_one, rtol=1e-10, atol=1e-14)
+
+
+def test_shares_of_calls_sum_to_the_square_of_their_sum():
+    """Three calls' shares sum to the square of the sum of their per-example gradients; a
+    call that never reports (its backward never came) adds nothing, and the sum is freed
+    once every call has reported."""
+    from lightning_kfac.ekfac import _Calls
+
+    generator = torch.Generator().manual_seed(0)
+    w = [torch.randn(1, N, 3, 5, generator=generator, dtype=F64) for _ in range(3)]
+    calls = _Calls(made=3)
+    shares = sum(calls.squares(part) for part in w)
+    torch.testing.assert_close(shares, (sum(w) ** 2).sum(dim=1), rtol=1e-12, atol=1e-14)
+    assert calls.total is None
+    partial = _Calls(made=3)
+    shares = partial.squares(w[0]) + partial.squares(w[2])
+    torch.testing.assert_close(shares, ((w[0] + w[2]) ** 2).sum(dim=1), rtol=1e-12, atol=0)
+    assert partial.total is not None  # held until the next forward pass opens a new group
