@@ -302,6 +302,8 @@ class KFACCallback(Callback):
             rank_zero_info(summary_table(found))
         for message in [] if materialised else found.warnings():
             rank_zero_warn(message)
+        for message in [] if self._lazy else [n.message() for n in found.not_applied]:
+            rank_zero_warn(message)  # once every layer is known
         if self._lazy:
             rank_zero_warn(
                 f"KFACCallback: lazy modules {self._lazy} are not materialised yet; K-FAC "

@@ -1,8 +1,10 @@
 """Finding the layers K-FAC preconditions, and the summary table of what it found.
 
 Nothing is left silent: every module with trainable parameters of its own that K-FAC does
-not precondition is listed in :attr:`Discovery.skipped` exactly once, with the reason, and
-every ``include``/``exclude`` pattern that matches no module is reported.
+not precondition is listed in :attr:`Discovery.skipped` exactly once, with the reason, every
+``include``/``exclude`` pattern that matches no module is reported, and so are the layers
+that an option chosen away from its default (``reduce``, ``factor_examples``, the Cholesky
+inverse) does not apply to.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from lightning_kfac import registry
-from lightning_kfac.attention import PLAIN_BIAS_KV_REASON, plain_parameter_names
+from lightning_kfac.attention import (
+    PLAIN_BIAS_KV_REASON,
+    MultiheadAttentionBlock,
+    plain_parameter_names,
+)
 from lightning_kfac.blocks import LinearBlock
 from lightning_kfac.curvature import CurvatureBlock, KroneckerBlock
 from lightning_kfac.doubly_factored import DoublyFactoredLinearBlock, flattened_map_shape
+from lightning_kfac.embedding import EmbeddingBlock
+from lightning_kfac.normalization import ScaleShiftBlock
 from lightning_kfac.registry import BlockFactory
 from lightning_kfac.structure import StructurePolicy
 
@@ -49,6 +57,63 @@ FROZEN_NOTE = (
 )
 CONTAINER_REASON = "parameters of a container module ({names}) keep their plain gradient"
 
+#: Per option: the blocks it applies to, and why some other block kinds keep their own rule.
+_OPTION_SCOPES: dict[str, tuple[str, tuple[tuple[type[CurvatureBlock], str], ...]]] = {
+    "inverse_method": (
+        "only dense Linear and Conv factors take Cholesky inverses",
+        (
+            (KroneckerBlock, "block-diagonal and diagonal factor sides are eigendecomposed"),
+            (EmbeddingBlock, "an Embedding's A is diagonal, inverted exactly"),
+            (ScaleShiftBlock, "normalisation blocks are 2x2 per element, inverted exactly"),
+            (MultiheadAttentionBlock, "MultiheadAttention's projections are eigendecomposed"),
+            (DoublyFactoredLinearBlock, "doubly-factored heads have three factors"),
+        ),
+    ),
+    "reduce": (
+        "only Linear and Conv Kronecker blocks have K-FAC-reduce",
+        (
+            (EmbeddingBlock, "an Embedding counts every lookup"),
+            (ScaleShiftBlock, "normalisation blocks always sum an example's positions"),
+            (MultiheadAttentionBlock, "MultiheadAttention's projections use expand"),
+            (DoublyFactoredLinearBlock, "doubly-factored heads use expand"),
+        ),
+    ),
+    "factor_examples": (
+        "only Linear and Conv Kronecker blocks take statistics from part of the batch, the "
+        "others from every example",
+        (),
+    ),
+}
+
+
+@dataclass
+class NotApplied:
+    """An option chosen away from its default, and the registered layers it leaves as they
+    are.
+
+    Attributes:
+        option: its name, ``"inverse_method"``, ``"reduce"`` or ``"factor_examples"``.
+        value: its value.
+        layers: the layers' names.
+        reasons: why some of their block kinds keep their own rule (may be empty).
+    """
+
+    option: str
+    value: object
+    layers: list[str]
+    reasons: list[str]
+
+    def message(self) -> str:
+        """The warning: the option, the first layers, their count and why."""
+        names = [repr(name or "<root>") for name in self.layers]
+        shown = ", ".join(names[:_NAMES_SHOWN]) + (", ..." if len(names) > _NAMES_SHOWN else "")
+        count = f"{len(names)} layer{'s' if len(names) > 1 else ''}"
+        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
+        return (
+            f"K-FAC: {self.option}={self.value!r} does not apply to {count} ({shown}): "
+            f"{_OPTION_SCOPES[self.option][0]}{why}"
+        )
+
 
 @dataclass
 class Skipped:
@@ -73,6 +138,8 @@ class Discovery:
         layer_names: names of the modules with parameters of their own (what patterns match).
         plain_parameter_count: trainable parameter elements left with their plain gradient
             (parameters of unmaterialised lazy modules are not counted).
+        not_applied: the options chosen away from their default that some registered
+            layers do not use (for ``reduce``, layers its patterns match), with the reason.
     """
 
     blocks: dict[str, CurvatureBlock]
@@ -81,9 +148,11 @@ class Discovery:
     lazy: list[str] = field(default_factory=list)
     layer_names: list[str] = field(default_factory=list)
     plain_parameter_count: int = 0
+    not_applied: list[NotApplied] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
-        """One message per pattern in :attr:`unmatched_patterns`, naming it."""
+        """One message per pattern in :attr:`unmatched_patterns`, naming it (the options of
+        :attr:`not_applied` have theirs in ``NotApplied.message``)."""
         names = [name for name in self.layer_names if name]
         shown = ", ".join(repr(name) for name in names[:_NAMES_SHOWN])
         if len(names) > _NAMES_SHOWN:
@@ -246,7 +315,31 @@ def discover(
         and id(p) not in preconditioned
         and not isinstance(p, UninitializedParameter)
     )
-    return Discovery(blocks, skipped, unmatched, lazy, layer_names, plain)
+    chosen = {"inverse_method": inverse, "reduce": list(reduce), "factor_examples": factor_examples}
+    defaults = {"inverse_method": "eigen", "reduce": [], "factor_examples": None}
+    not_applied = [
+        found
+        for option, value in chosen.items()
+        if value != defaults[option] and (found := _not_applied(option, value, blocks)).layers
+    ]
+    return Discovery(blocks, skipped, unmatched, lazy, layer_names, plain, not_applied)
+
+
+def _not_applied(option: str, value: object, blocks: Mapping[str, CurvatureBlock]) -> NotApplied:
+    """The blocks that ``option`` leaves as they are (for ``reduce``, of those its patterns
+    match), and why."""
+    found = NotApplied(option, value, [], [])
+    for name, block in blocks.items():
+        if option == "reduce" and not _matches(name, value):
+            continue
+        if isinstance(block, KroneckerBlock) and (option != "inverse_method" or block.dense):
+            continue
+        found.layers.append(name)
+        clauses = _OPTION_SCOPES[option][1]
+        reason = next((clause for kind, clause in clauses if isinstance(block, kind)), None)
+        if reason is not None and reason not in found.reasons:
+            found.reasons.append(reason)
+    return found
 
 
 def _covered(own: Mapping[str, nn.Parameter], blocks: Mapping[str, CurvatureBlock]) -> bool:

@@ -7,12 +7,16 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
+from torch.utils.data import TensorDataset
 
+from lightning_kfac import KFACCallback
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.discovery import FROZEN_NOTE, Discovery, Skipped, discover, summary_table
 from lightning_kfac.registry import block_type_for
+from tests.helpers import Classifier, loader, trainer
 
 
 def reasons(found: Discovery) -> dict[str, str]:
@@ -262,3 +266,75 @@ def test_root_layer_is_named_root_in_the_summary(include):
     found = discover(nn.Linear(3, 2), include=include)
     assert set(found.blocks) == {""}
     assert "<root>" in summary_table(found)
+
+
+class Tokens(nn.Module):
+    """Embedding and LayerNorm, then a Linear head (lazy: materialised by the first batch)."""
+
+    def __init__(self, lazy: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.LazyLinear(3) if lazy else nn.Linear(8, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.emb(tokens)).mean(1))
+
+
+def option_warnings(net: nn.Module, **options) -> list[str]:
+    """The K-FAC "does not apply" warnings of a two-step fit of ``net`` with ``options``."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 10, (32, 5), generator=generator)
+    data = TensorDataset(tokens, torch.randint(0, 3, (32,), generator=generator))
+    callback = KFACCallback(inv_update_freq=1, verbose=False, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=2, callbacks=[callback]).fit(Classifier(net), loader(data, 16))
+    return [str(w.message) for w in caught if "does not apply" in str(w.message)]
+
+
+CHOLESKY = {"inverse_method": "cholesky", "damping_method": "factored"}
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (CHOLESKY, "an Embedding's A is diagonal, inverted exactly"),
+        ({"reduce": ["*"]}, "normalisation blocks always sum an example's positions"),
+        ({"factor_examples": 8}, "the others from every example"),
+    ],
+)
+@pytest.mark.parametrize("lazy", [False, True])
+def test_an_option_that_some_layers_do_not_use_warns_once_naming_them(options, why, lazy):
+    torch.manual_seed(0)
+    (message,) = option_warnings(Tokens(lazy), **options)
+    option = next(iter(options))
+    assert message.startswith(f"K-FAC: {option}={options[option]!r} does not apply to 2 layers")
+    assert "('net.emb', 'net.norm')" in message and why in message
+    assert "net.head" not in message
+
+
+class OneHotMLP(nn.Module):
+    """Linear layers only, on the tokens' one-hot counts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.body(F.one_hot(tokens, 10).float().mean(1))
+
+
+@pytest.mark.parametrize(
+    ("net", "options"),
+    [
+        (Tokens, {}),
+        (Tokens, {"reduce": ["net.head"]}),
+        (OneHotMLP, CHOLESKY),
+        (OneHotMLP, {"reduce": ["*"]}),
+        (OneHotMLP, {"factor_examples": 8}),
+    ],
+)
+def test_no_warning_when_the_option_is_at_its_default_or_every_layer_uses_it(net, options):
+    torch.manual_seed(0)
+    assert option_warnings(net(), **options) == []
