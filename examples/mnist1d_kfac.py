@@ -212,6 +212,7 @@ def train(
     name: str | None = None,
     report_every: int = 0,
     milestones: tuple[float, ...] = (),
+    classifier: type[MNIST1DClassifier] = MNIST1DClassifier,
     **config,
 ) -> AccuracyHistory:
     """Train one configuration for ``steps`` optimizer steps; returns its accuracy history.
@@ -224,8 +225,9 @@ def train(
         stop_at: stop at the first evaluation with at least this accuracy.
         name, report_every, milestones: progress lines (see ``AccuracyHistory``); with a
             name, K-FAC also prints its table of registered layers.
-        **config: ``MNIST1DClassifier`` arguments, plus ``kfac`` (``KFACCallback``
-            arguments) to train with K-FAC.
+        classifier: the LightningModule (a subclass may offer other optimizers).
+        **config: ``classifier`` arguments, plus ``kfac`` (``KFACCallback`` arguments) to
+            train with K-FAC.
     """
     L.seed_everything(seed, verbose=False)
     kfac_options = config.pop("kfac", None)
@@ -246,7 +248,7 @@ def train(
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(MNIST1DClassifier(**config), MNIST1DDataModule(batch_size=batch_size))
+    trainer.fit(classifier(**config), MNIST1DDataModule(batch_size=batch_size))
     return history
 
 
