@@ -468,12 +468,12 @@ class KroneckerBlock(CurvatureBlock):
         inverses: the damped inverses, formed here, and two products per step)."""
         if getattr(blocks[0], "inverse", "eigen") == "cholesky":
             return _cholesky_operator(blocks, decompositions, damping, method)
-        if len(blocks) == 1:
+        if not getattr(blocks[0], "dense", True):  # structured sides: one block at a time
             return super().operator(blocks, decompositions, damping, method)
         eigen_a, eigen_g = (
             Eigen(
-                vectors=torch.cat([d[key].vectors for d in decompositions]),
-                values=torch.cat([d[key].values for d in decompositions]),
+                vectors=_stacked([d[key].vectors for d in decompositions]),
+                values=_stacked([d[key].values for d in decompositions]),
             )
             for key in "AG"
         )
@@ -484,11 +484,16 @@ class KroneckerBlock(CurvatureBlock):
 
         def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
             dtype = gradients[0].dtype
-            work = torch.cat(list(gradients)).to(q_a.dtype)
+            work = _stacked(gradients).to(q_a.dtype)
             out = (q_g @ ((q_g_t @ work @ q_a) * scale) @ q_a_t).to(dtype)
-            return list(out.split(counts))
+            return [out] if len(counts) == 1 else list(out.split(counts))
 
         return apply
+
+
+def _stacked(tensors: Sequence[Tensor]) -> Tensor:
+    """``tensors`` concatenated along the groups dimension (one tensor: itself, no copy)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
 
 
 def _cholesky_operator(
@@ -502,15 +507,15 @@ def _cholesky_operator(
     if method != "factored":
         raise ValueError('the Cholesky inverse needs damping_method="factored"')
     a_inv, g_inv = damped_inverse_pair(
-        torch.cat([d["A"].matrix for d in decompositions]),
-        torch.cat([d["G"].matrix for d in decompositions]),
+        _stacked([d["A"].matrix for d in decompositions]),
+        _stacked([d["G"].matrix for d in decompositions]),
         damping,
     )
     counts = [block.groups for block in blocks]
 
     def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
         dtype = gradients[0].dtype
-        out = (g_inv @ torch.cat(list(gradients)).to(a_inv.dtype) @ a_inv).to(dtype)
-        return list(out.split(counts))
+        out = (g_inv @ _stacked(gradients).to(a_inv.dtype) @ a_inv).to(dtype)
+        return [out] if len(counts) == 1 else list(out.split(counts))
 
     return apply
