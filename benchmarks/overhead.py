@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
 
-from benchmarks.loop import train_step
+from benchmarks.loop import CLOCKS, add_clock_argument, train_step
 from examples.mnist1d_kfac import MNIST1DClassifier
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
@@ -110,9 +109,8 @@ class Runner:
             self.engine = KFACEngine(blocks, KFACOptions(**kfac), warn=lambda message: None)
             self.engine.attach()
 
-    #: The clock ``steps`` reads: wall time, or this process's CPU time (robust to other
-    #: processes on a shared machine when torch runs one thread).
-    clock = staticmethod(time.perf_counter)
+    #: The clock ``steps`` reads (one of ``CLOCKS``).
+    clock = staticmethod(CLOCKS["wall"])
 
     def steps(self, count: int) -> float:
         """Seconds per step over ``count`` steps."""
@@ -127,12 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per configuration and round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
-    parser.add_argument(
-        "--clock",
-        choices=["wall", "process"],
-        default="wall",
-        help="process: CPU time of this process (use with --threads 1 on a busy machine)",
-    )
+    add_clock_argument(parser)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument(
         "--models", default=None, help="semicolon-separated substrings of the model names to run"
@@ -142,8 +135,7 @@ def main() -> None:
         args.steps, args.rounds = 3, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.clock == "process":
-        Runner.clock = staticmethod(time.process_time)
+    Runner.clock = staticmethod(CLOCKS[args.clock])
     print(
         f"{torch.get_num_threads()} threads, {args.clock} clock; median of {args.rounds} rounds "
         f"x {args.steps} steps\n"
