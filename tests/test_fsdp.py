@@ -18,6 +18,7 @@ from torch import nn
 from lightning_kfac import KFACCallback, KFACModelParallelStrategy
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.communication import free_port
+from lightning_kfac.curvature import CurvatureBlock
 from lightning_kfac.options import ShardedOptions
 from tests.helpers import LocalBatch, StepIndexedClassifier, dummy_loader, trainer
 from tests.scripts.fit_sharded import (
@@ -26,6 +27,7 @@ from tests.scripts.fit_sharded import (
     GLOBAL_BATCH,
     KFAC,
     STEPS,
+    WIDE_SGD_LRS,
     dataset,
     network,
 )
@@ -133,7 +135,10 @@ class BlockDiagonal:
     with one group; the sharded run gathers grouped convolutions, exactly)."""
 
     def batch_key(self):
-        return id(self)  # one block at a time, through ``precondition``
+        return id(self)
+
+    # one block at a time, through ``precondition`` (not the dense blocks' batched operator)
+    operator = classmethod(CurvatureBlock.operator.__func__)
 
     def precondition(self, gradient, decompositions, damping, method):
         if self.groups > 1:
@@ -211,6 +216,41 @@ def test_ekfac_under_sharding_equals_one_process_with_the_global_batch(sharded):
     rank-deficient factor's null space), which round-off picks differently per layout."""
     assert_params_close(sharded["ekfac"]["params"], single_process("narrow", **EKFAC))
     assert sharded["ekfac"]["identical"]
+
+
+def final_loss(run, last: int = 8) -> float:
+    """The global batch's training loss (the mean of the ranks' halves), averaged over the
+    ``last`` steps: one number, whichever rank computes it."""
+    steps = [sum(halves) / len(halves) for halves in zip(*run["losses"])]
+    return sum(steps[-last:]) / last
+
+
+def test_a_wide_model_holds_less_per_rank_than_under_ddp_and_beats_sgd(sharded):
+    """A 7-layer, 64-wide MLP on badly scaled inputs, 40 steps: FSDP2 + K-FAC (gather, one
+    layer a bucket) against FSDP2 + SGD at three learning rates and against K-FAC under
+    kfac_ddp, memory per rank measured from the tensors each rank holds."""
+    runs = sharded["wide"]
+    kfac, ddp = runs["kfac"], runs["ddp"]
+    assert kfac["identical"] and kfac["distribution"] == "ShardedDistribution"
+    # the same training as kfac_ddp (gather mode is exact)
+    assert_params_close(kfac["params"], ddp["params"])
+    sgd = {lr: final_loss(runs[f"sgd {lr}"]) for lr in WIDE_SGD_LRS}
+    assert min(sgd, key=sgd.get) == WIDE_SGD_LRS[1], f"SGD's best rate must be inside {sgd}"
+    assert final_loss(kfac) < 0.6 * min(sgd.values()), (final_loss(kfac), sgd)
+    assert final_loss(kfac) < 0.5 * final_loss(runs[f"sgd {WIDE_SGD_LRS[0]}"])  # it learns
+    # the report agrees with the tensors (decompositions read from a broadcast buffer hold
+    # its success flags too: one element per factor)
+    factors = 2 * sum(isinstance(m, nn.Linear) for m in network("wide").modules())
+    for held, reported in zip(kfac["held"], kfac["memory"]):
+        assert held["running"] == held["decomposed"] == reported["running"]
+        assert 0 <= held["decompositions"] - reported["decompositions"] <= 8 * factors
+    # per rank: half the parameters, the same K-FAC state (it is not sharded in gather mode)
+    for sharded_rank, whole_rank in zip(kfac["held"], ddp["held"]):
+        assert sharded_rank["parameters"] < 0.51 * whole_rank["parameters"]
+        state = {k: v for k, v in sharded_rank.items() if k != "parameters"}
+        assert state == {k: v for k, v in whole_rank.items() if k != "parameters"}
+    fsdp = max(sum(held.values()) for held in kfac["held"])
+    assert fsdp < 0.95 * min(sum(held.values()) for held in ddp["held"])
 
 
 def test_unsupported_layouts_refused_with_what_is_supported(sharded):

@@ -9,11 +9,13 @@ Runs, in order: the gather mode for ``STEPS`` steps (a distributed checkpoint at
 ``STEPS // 2``), a resume from that checkpoint to ``STEPS``, the block-diagonal mode, the
 gather mode under Lightning's plain ``ModelParallelStrategy``, a CNN with a grouped conv
 (block-diagonal: the grouped conv gathered, the other layers row-local), a model with an
-embedding, LayerNorm and BatchNorm1d (gather), EKFAC (gather), and the layout checks that
-must refuse HSDP, non-dim-0 sharding and a sharded attention layer. Rank 0 writes
-``OUT_DIR/results.pt``: every run's final full parameters, each rank's KL-clip scales,
-whether K-FAC's replicated state was bitwise equal on both ranks, each rank's memory
-report and the refusal messages.
+embedding, LayerNorm and BatchNorm1d (gather), EKFAC (gather), a wider and deeper MLP on
+badly scaled inputs (K-FAC gather, SGD at three learning rates, K-FAC under ``kfac_ddp``
+for the memory comparison), and the layout checks that must refuse HSDP, non-dim-0
+sharding and a sharded attention layer. Rank 0 writes ``OUT_DIR/results.pt``: every run's
+final full parameters, each rank's KL-clip scales and losses, whether K-FAC's replicated
+state was bitwise equal on both ranks, each rank's memory report, the bytes each rank held
+(measured from the tensors) and the refusal messages.
 """
 
 import os
@@ -33,7 +35,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from lightning_kfac import KFACCallback
 from lightning_kfac.discovery import discover
 from lightning_kfac.sharded import check_gradient_layouts, check_parameter
-from lightning_kfac.strategy import KFACModelParallelStrategy
+from lightning_kfac.strategy import KFACDDPStrategy, KFACModelParallelStrategy
 from tests.helpers import (
     LocalBatch,
     StepIndexedClassifier,
@@ -57,10 +59,22 @@ CNN_KFAC = {"staleness": 1}
 EKFAC = {"eigenvalue_correction": True}
 #: The tokens run's strategy options: eager reduction, gathers of one layer or less a bucket.
 TOKENS_STRATEGY = {"kfac_reduce_every_update": True, "kfac_bucket_cap_mb": 0.001}
+#: The wide run: steps, K-FAC's options and learning rate, SGD's learning rates (the best is
+#: the middle one: the grid brackets SGD's optimum), and gathers of one layer a bucket.
+WIDE_STEPS = 40
+WIDE_KFAC = dict(damping=1e-2, factor_update_freq=1, inv_update_freq=2, kl_clip=3e-4, verbose=False)
+WIDE_KFAC_LR = 0.1
+WIDE_SGD_LRS = (0.01, 0.03, 0.1)
+WIDE_STRATEGY = {"kfac_bucket_cap_mb": 0.04}
 
 
 def dataset(kind: str = "mlp"):
-    """float64 data: classification (mlp, narrow), sequences (cnn) or tokens (tokens)."""
+    """float64 data: classification (mlp, narrow; wide: 8 batches of inputs scaled from 0.1
+    to 10, which curvature corrects and SGD does not), sequences (cnn) or tokens (tokens)."""
+    if kind == "wide":
+        x, y = classification_data(GLOBAL_BATCH * 8).tensors
+        scales = torch.logspace(-1, 1, x.shape[1], dtype=torch.float64)
+        return torch.utils.data.TensorDataset(x.double() * scales, y)
     kinds = {"mlp": classification_data, "narrow": classification_data}
     kinds |= {"cnn": sequence_data, "tokens": token_data}
     data = kinds[kind](GLOBAL_BATCH * 4)
@@ -78,6 +92,11 @@ def network(kind: str = "mlp", ranks: int = 1) -> nn.Module:
         return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3)).double()
     if kind == "cnn":  # a grouped conv: its gradient is sharded along the groups
         return cnn().double()
+    if kind == "wide":  # 12-64-64-64-64-64-64-3, Tanh
+        layers = [nn.Linear(12, 64), nn.Tanh()]
+        for _ in range(5):
+            layers += [nn.Linear(64, 64), nn.Tanh()]
+        return nn.Sequential(*layers, nn.Linear(64, 3)).double()
     return TokenNet(ghost_batches=ranks).double()
 
 
@@ -93,18 +112,23 @@ class ShardedClassifier(StepIndexedClassifier):
 
 
 class Record(Callback):
-    """KL-clip scales of every step; at the end, whether the replicated K-FAC state (global
-    factors, decompositions every rank keeps) is bitwise equal on every rank."""
+    """Each rank's losses and KL-clip scales of every step; at the end, whether the
+    replicated K-FAC state (global factors, decompositions every rank keeps) is bitwise
+    equal on every rank."""
 
     def __init__(self) -> None:
         self.scales: list[float] = []
         self.identical = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats = _kfac(trainer).last_stats
-        self.scales.append(None if stats.kl_scale is None else float(stats.kl_scale))
+        kfac = _kfac(trainer)
+        if kfac is not None:
+            stats = kfac.last_stats
+            self.scales.append(None if stats.kl_scale is None else float(stats.kl_scale))
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if _kfac(trainer) is None:
+            return
         engine = _kfac(trainer).engine
         row_local = set(getattr(engine.distribution, "row_local", {}))
         parts = []
@@ -120,22 +144,70 @@ class Record(Callback):
         self.identical = all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
-def _kfac(trainer) -> KFACCallback:
-    return next(c for c in trainer.callbacks if isinstance(c, KFACCallback))
+def _kfac(trainer) -> KFACCallback | None:
+    return next((c for c in trainer.callbacks if isinstance(c, KFACCallback)), None)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def held(module: nn.Module, kfac: KFACCallback | None) -> dict[str, int]:
+    """Bytes this rank holds, measured from the tensors: its parameters (local shards under
+    FSDP2) and K-FAC's state: running factors, the factors behind the decompositions and
+    the decompositions it keeps."""
+    out = {"parameters": storage_bytes(_local(p) for p in module.parameters())}
+    if kfac is not None:
+        states = kfac.engine.state.values()
+        out["running"] = storage_bytes(t for s in states for t in s.running.values())
+        out["decomposed"] = storage_bytes(t for s in states for t in s.decomposed.values())
+        out["decompositions"] = storage_bytes(
+            t for s in states for d in s.decompositions.values() for t in d.tensors()
+        )
+    return out
+
+
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _everyone(value) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def fit(
-    out: Path, mode: str, steps: int, ckpt_path=None, save_at=None, kind="mlp", kfac=(), **options
+    out: Path,
+    mode: str,
+    steps: int,
+    ckpt_path=None,
+    save_at=None,
+    kind="mlp",
+    kfac: dict | None = KFAC,
+    lr: float = 0.05,
+    **options,
 ):
-    module = ShardedClassifier(network(kind), dataset(kind), GLOBAL_BATCH, lr=0.05)
+    """One fit. ``mode``: a ``kfac_shard_preconditioning``, ``"plain"`` (Lightning's own
+    ``ModelParallelStrategy``) or ``"ddp"`` (``kfac_ddp``, the model unsharded); ``kfac``:
+    the callback's options, None for SGD alone."""
+    cls = StepIndexedClassifier if mode == "ddp" else ShardedClassifier
+    module = cls(network(kind), dataset(kind), GLOBAL_BATCH, lr=lr)
     record = Record()
-    kfac = KFACCallback(batch_size=LocalBatch(GLOBAL_BATCH), **{**KFAC, **dict(kfac)})
-    callbacks = [kfac, record]
+    callback = None if kfac is None else KFACCallback(batch_size=LocalBatch(GLOBAL_BATCH), **kfac)
+    callbacks = [record] + ([] if callback is None else [callback])
     if save_at:
         callbacks.append(
             ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=save_at, save_top_k=-1)
         )
-    if mode == "plain":  # Lightning's own strategy: the callback detects the sharding
+    if mode == "ddp":
+        strategy = KFACDDPStrategy(**options)
+    elif mode == "plain":  # Lightning's own strategy: the callback detects the sharding
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = KFACModelParallelStrategy(
@@ -151,26 +223,42 @@ def fit(
         callbacks=callbacks,
         enable_checkpointing=bool(save_at),
     ).fit(module, dummy_loader(), ckpt_path=ckpt_path)
-    params = {
-        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-        for n, p in module.named_parameters()
-    }
-    scales = [None] * dist.get_world_size()
-    dist.all_gather_object(scales, record.scales)
-    memory = [None] * dist.get_world_size()
-    distribution = kfac.engine.distribution
-    dist.all_gather_object(memory, distribution.memory())
-    traffic = [None] * dist.get_world_size()
-    dist.all_gather_object(traffic, dict(distribution.collectives.traffic.bytes))
-    return {
+    params = {n: _full(p).detach().clone() for n, p in module.named_parameters()}
+    result = {
         "params": params,
-        "scales": scales,
+        "losses": _everyone(module.losses),
+        "held": _everyone(held(module, callback)),
+    }
+    if callback is None:
+        return result
+    distribution = callback.engine.distribution
+    reported = distribution.memory() if hasattr(distribution, "memory") else None
+    return result | {
+        "scales": _everyone(record.scales),
         "identical": record.identical,
-        "memory": memory,
-        "describe": distribution.describe(),
-        "traffic": traffic,
+        "memory": _everyone(reported),
+        "describe": getattr(distribution, "describe", lambda: "")(),
+        "traffic": _everyone(dict(distribution.collectives.traffic.bytes)),
         "distribution": type(distribution).__name__,
     }
+
+
+def _full(tensor):
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def wide(out: Path) -> dict:
+    """The wide model: K-FAC (gather) and SGD at each of ``WIDE_SGD_LRS`` under FSDP2, and
+    K-FAC under ``kfac_ddp``, for the same steps and data."""
+    runs = {
+        "kfac": fit(
+            out, "gather", WIDE_STEPS, kind="wide", kfac=WIDE_KFAC, lr=WIDE_KFAC_LR, **WIDE_STRATEGY
+        ),
+        "ddp": fit(out, "ddp", WIDE_STEPS, kind="wide", kfac=WIDE_KFAC, lr=WIDE_KFAC_LR),
+    }
+    for lr in WIDE_SGD_LRS:
+        runs[f"sgd {lr}"] = fit(out, "plain", WIDE_STEPS, kind="wide", kfac=None, lr=lr)
+    return runs
 
 
 def refusals() -> list[str]:
@@ -202,15 +290,17 @@ def refusals() -> list[str]:
 
 def main() -> None:
     out = Path(sys.argv[1])
+    torch.set_num_threads(1)  # 2 ranks on 2 cores: more threads only spin against each other
     results = {"gather": fit(out, "gather", STEPS, save_at=STEPS // 2)}
     checkpoint = out / "ckpt" / f"epoch=0-step={STEPS // 2}.ckpt"
     results["resumed"] = fit(out, "gather", STEPS, ckpt_path=str(checkpoint))
     results["block_diagonal"] = fit(out, "block_diagonal", STEPS)
     results["plain"] = fit(out, "plain", STEPS)
     # background decompositions; factors reduced on every update, gathers in tiny buckets
-    results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn", kfac=CNN_KFAC)
+    results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn", kfac=KFAC | CNN_KFAC)
     results["tokens"] = fit(out, "gather", STEPS, kind="tokens", **TOKENS_STRATEGY)
-    results["ekfac"] = fit(out, "gather", STEPS, kind="narrow", kfac=EKFAC)
+    results["ekfac"] = fit(out, "gather", STEPS, kind="narrow", kfac=KFAC | EKFAC)
+    results["wide"] = wide(out)
     results["refusals"] = refusals()
     results["checkpoint_is_dir"] = checkpoint.is_dir()
     if dist.get_rank() == 0:
