@@ -346,7 +346,7 @@ class DataParallelOptions:
         self.bucket_cap_mb = check_real("bucket_cap_mb", self.bucket_cap_mb, above=0.0)
 
 
-SHARD_PRECONDITIONINGS = ("gather", "block_diagonal")
+SHARD_PRECONDITIONINGS = ("gather", "block_diagonal", "owner")
 
 
 @dataclass
@@ -358,14 +358,16 @@ class ShardedOptions(DataParallelOptions):
 
     Attributes:
         shard_preconditioning: ``"gather"`` (exact: each layer's gradient rows are gathered,
-            one shape group at a time, preconditioned whole, and the local rows kept) or
-            ``"block_diagonal"`` (no gradient traffic: each rank preconditions its rows with
-            the diagonal block of ``G`` for them, an approximation; Kronecker layers only,
-            the others are gathered).
+            one shape group at a time, preconditioned whole on every rank, and the local
+            rows kept), ``"block_diagonal"`` (no gradient traffic: each rank preconditions
+            its rows with the diagonal block of ``G`` for them, an approximation; Kronecker
+            layers only, the others are gathered) or ``"owner"`` (exact: each layer's
+            decompositions are kept by one rank, which receives the layer's rows, preconditions
+            it whole and sends every rank its rows back).
 
     Raises:
-        ValueError: naming the field, and for ``precondition_mode="owner"`` (not offered
-            with sharded parameters).
+        ValueError: naming the field, and for ``precondition_mode="owner"`` (under sharding
+            that is ``shard_preconditioning="owner"``).
     """
 
     shard_preconditioning: str = "gather"
@@ -377,8 +379,9 @@ class ShardedOptions(DataParallelOptions):
         )
         if self.precondition_mode != "shared":
             raise ValueError(
-                "precondition_mode must be 'shared' with sharded parameters (every rank "
-                f"keeps the decompositions its rows need), got {self.precondition_mode!r}"
+                "precondition_mode must be 'shared' with sharded parameters (for owner "
+                "preconditioning use shard_preconditioning='owner'), got "
+                f"{self.precondition_mode!r}"
             )
 
 
@@ -450,7 +453,7 @@ if TYPE_CHECKING:
     LikelihoodName: TypeAlias = Literal["categorical", "gaussian", "bernoulli"]
     PreconditionMode: TypeAlias = Literal["shared", "owner"]
     BucketCapMB: TypeAlias = float
-    ShardPreconditioning: TypeAlias = Literal["gather", "block_diagonal"]
+    ShardPreconditioning: TypeAlias = Literal["gather", "block_diagonal", "owner"]
 else:
     Damping = _cli_type("Damping", float, check_damping, float)
     FactorDecay = _cli_type("FactorDecay", float, check_factor_decay, float)
@@ -501,6 +504,6 @@ else:
     )
     ShardPreconditioning = _cli_type(
         "ShardPreconditioning",
-        Literal["gather", "block_diagonal"],
+        Literal["gather", "block_diagonal", "owner"],
         lambda v: check_choice("kfac_shard_preconditioning", v, SHARD_PRECONDITIONINGS),
     )

@@ -16,12 +16,16 @@ hooks the full output gradient. So:
   the rows of ``G^-1 V A^-1``. In ``"block_diagonal"`` mode a Kronecker layer's rows are
   preconditioned where they are, with the diagonal block of ``G`` for this rank's rows (no
   gradient traffic; an approximation, reference section 12), whose decomposition each rank
-  computes for itself;
+  computes for itself. In ``"owner"`` mode each layer's decompositions stay on the rank that
+  computes them (greedy by cost, as ``precondition_mode="owner"`` under data parallelism):
+  every rank sends it its rows (point to point, straight into the whole gradient), the
+  owner preconditions the layer whole and sends each rank its rows of the result;
 - the **KL clip**'s inner product is summed over the shards with one all-reduce of a scalar,
   so every rank applies the same scale.
 
 Nothing in K-FAC's state grows with the number of ranks: running factors are whole on every
-rank (they are not sharded), decompositions are those this rank's rows need.
+rank (they are not sharded), decompositions are those this rank's rows need (all of them in
+gather mode, about ``1/R`` of them in owner mode).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from lightning_kfac.distribution import (
     DataParallelDistribution,
     Decompose,
     Inner,
+    OwnerPreconditioning,
     Unit,
 )
 from lightning_kfac.options import ShardedOptions
@@ -168,8 +173,8 @@ class _Sharded:
 
 
 class ShardedDistribution(DataParallelDistribution):
-    """FSDP2: factors as under data parallelism, gradients gathered by rows or
-    preconditioned block-diagonally (see the module docstring).
+    """FSDP2: factors as under data parallelism, gradients gathered by rows, preconditioned
+    block-diagonally or by each layer's owner (see the module docstring).
 
     Args:
         collectives: the data-parallel process group (default: the default group).
@@ -181,6 +186,8 @@ class ShardedDistribution(DataParallelDistribution):
     ) -> None:
         super().__init__(collectives, options or ShardedOptions())
         self.options: ShardedOptions
+        if self.options.shard_preconditioning == "owner":
+            self.assignment = OwnerPreconditioning()
         #: Blocks preconditioned with the diagonal block of ``G`` for this rank's rows.
         self.row_local: dict[str, tuple[int, int]] = {}
 
@@ -192,12 +199,21 @@ class ShardedDistribution(DataParallelDistribution):
         decomposes its own diagonal block).
 
         Raises:
-            ValueError: for a layout other than FSDP2's dim-0 sharding on a 1-D mesh.
+            ValueError: for a layout other than FSDP2's dim-0 sharding on a 1-D mesh, and in
+                owner mode for blocks with live factors (EKFAC).
         """
         for name, block in blocks.items():
             for parameter in block.parameters():
                 check_parameter(name, parameter, self.world_size)
         check_gradient_layouts(blocks)
+        live = sorted(name for name, block in blocks.items() if block.live_keys())
+        if live and self.options.shard_preconditioning == "owner":
+            raise ValueError(
+                "K-FAC: blocks with live factors (EKFAC's second moments, e.g. "
+                f"{live[:3]}) capture in their eigenbasis on every rank, which "
+                "kfac_shard_preconditioning='owner' keeps on one rank only; use "
+                "kfac_shard_preconditioning='gather'"
+            )
         super().setup(blocks, dtype)
         self.row_local = {}
         if self.options.shard_preconditioning == "block_diagonal":
@@ -256,12 +272,13 @@ class ShardedDistribution(DataParallelDistribution):
     # -- preconditioning -------------------------------------------------------------------
 
     def precondition(self, grads: Mapping[str, Tensor], apply: Apply) -> dict[str, Tensor]:
-        """Whole gradients (plain or replicated) are preconditioned here as they are;
-        row-local blocks on their local rows; the others gathered by shape group."""
+        """Whole gradients (plain or replicated) are preconditioned here as they are (in
+        owner mode by their owner, which broadcasts them); row-local blocks on their local
+        rows; the others gathered by shape group, or sent to their owners."""
         out: dict[str, Tensor] = {}
         whole: dict[str, Tensor] = {}
         local_rows: dict[str, Tensor] = {}
-        groups: dict[object, list[_Sharded]] = defaultdict(list)
+        sharded: list[_Sharded] = []
         for name, grad in grads.items():
             dim = _sharded_dim(grad)
             if dim is None:
@@ -280,16 +297,23 @@ class ShardedDistribution(DataParallelDistribution):
             start, end = rows_of(size, self.world_size, self.rank)
             if local.shape[0] != end - start:
                 raise ValueError(f"{SUPPORTED}; {name!r} holds unexpected rows here")
-            item = _Sharded(
-                name, dim, local, size, math.ceil(size / self.world_size), local.shape[1:]
+            sharded.append(
+                _Sharded(name, dim, local, size, math.ceil(size / self.world_size), local.shape[1:])
             )
-            groups[self.blocks[name].batch_key()].append(item)
-        for name, new in (apply(whole) if whole else {}).items():
-            out[name] = _like(grads[name], new)
+        owner = self.options.shard_preconditioning == "owner"
+        if whole:
+            done = self.assignment.precondition(self, whole, apply) if owner else apply(whole)
+            out.update({name: _like(grads[name], new) for name, new in done.items()})
         for name, new in (apply(local_rows) if local_rows else {}).items():
             out[name] = _like(grads[name], new)
-        for items in groups.values():
-            out.update(self._gathered(items, grads, apply))
+        if owner and sharded:
+            out.update(self._owned(sharded, grads, apply))
+        elif sharded:
+            groups: dict[object, list[_Sharded]] = defaultdict(list)
+            for item in sharded:
+                groups[self.blocks[item.name].batch_key()].append(item)
+            for items in groups.values():
+                out.update(self._gathered(items, grads, apply))
         return {name: out[name] for name in grads}
 
     def _gathered(
@@ -323,8 +347,9 @@ class ShardedDistribution(DataParallelDistribution):
             for name, new in apply(full).items():
                 item = next(i for i in bucket if i.name == name)
                 start, end = rows_of(item.rows, self.world_size, self.rank)
-                mine = new.movedim(item.dim, 0)[start:end].movedim(0, item.dim).contiguous()
-                out[name] = _like(grads[name], mine)
+                mine = new.movedim(item.dim, 0)[start:end].movedim(0, item.dim)
+                # a copy: a view would keep the whole result alive to the end of the step
+                out[name] = _like(grads[name], mine.clone(memory_format=torch.contiguous_format))
             del full
         return out
 
@@ -339,6 +364,103 @@ class ShardedDistribution(DataParallelDistribution):
         self.collectives.traffic.add("all_gather", buffer)
         work = dist.all_gather(gathered, buffer, group=self.collectives.group, async_op=True)
         return bucket, gathered, work
+
+    def _owner_rounds(self, sizes: Mapping[str, int]) -> list[list[str]]:
+        """Owner mode: the layers (``{name: bytes of the whole gradient}``, in order) in
+        rounds; round ``k`` holds every owner's ``k``-th bucket of its own layers."""
+        by_owner: dict[int, list[str]] = defaultdict(list)
+        for name in sizes:
+            by_owner[self.assignment.owners[name]].append(name)
+        round_of: dict[str, int] = {}
+        for names in by_owner.values():
+            for k, bucket in enumerate(buckets([sizes[n] for n in names], self.bucket_cap_bytes)):
+                round_of.update((names[i], k) for i in bucket)
+        rounds: list[list[str]] = [[] for _ in range(max(round_of.values(), default=-1) + 1)]
+        for name in sizes:
+            rounds[round_of[name]].append(name)
+        return rounds
+
+    def _owned(
+        self, items: Sequence[_Sharded], grads: Mapping[str, Tensor], apply: Apply
+    ) -> dict[str, Tensor]:
+        """Owner mode, round by round: every rank sends each owner its rows, straight into
+        the owner's whole gradient (the next round in flight while this one is
+        preconditioned), the owner preconditions its layers in one call of ``apply`` and
+        sends every rank its rows of the result (peak on an owner: about three copies of its
+        largest bucket)."""
+        by_name = {item.name: item for item in items}
+        tags = {item.name: 2 * index for index, item in enumerate(items)}
+        sizes = {
+            item.name: item.rows * item.rest.numel() * item.local.element_size() for item in items
+        }
+        rounds = self._owner_rounds(sizes)
+        out: dict[str, Tensor] = {}
+        pending = self._start_sends([by_name[n] for n in rounds[0]], tags)
+        for index in range(len(rounds)):
+            full, works = pending
+            if index + 1 < len(rounds):
+                pending = self._start_sends([by_name[n] for n in rounds[index + 1]], tags)
+            for work in works:
+                work.wait()
+            mine = {name: t.movedim(0, by_name[name].dim) for name, t in full.items()}
+            results = apply(mine) if mine else {}
+            del full, mine
+            works = []
+            for name in rounds[index]:
+                item, owner = by_name[name], self.assignment.owners[name]
+                start, end = rows_of(item.rows, self.world_size, self.rank)
+                if owner != self.rank:
+                    out[name] = item.local.new_empty(end - start, *item.rest)
+                    if end > start:
+                        works.append(self._recv(out[name], owner, tags[name] + 1))
+                    continue
+                result = results[name].movedim(item.dim, 0).contiguous()  # (rows, *rest)
+                for rank in range(self.world_size):
+                    first, last = rows_of(item.rows, self.world_size, rank)
+                    if rank != self.rank and last > first:
+                        works.append(self._send(result[first:last], rank, tags[name] + 1))
+                out[name] = result[start:end].clone()
+            for work in works:
+                work.wait()
+            del results
+        return {
+            name: _like(grads[name], rows.movedim(0, by_name[name].dim).contiguous())
+            for name, rows in out.items()
+        }
+
+    def _start_sends(
+        self, bucket: Sequence[_Sharded], tags: Mapping[str, int]
+    ) -> tuple[dict[str, Tensor], list[dist.Work]]:
+        """Post one round's rows: this rank's to each layer's owner, and (for the layers it
+        owns) every other rank's into a whole ``(rows, *rest)`` gradient."""
+        full: dict[str, Tensor] = {}
+        works = []
+        for item in bucket:
+            owner = self.assignment.owners[item.name]
+            if owner != self.rank:
+                if item.local.shape[0]:
+                    works.append(self._send(item.local, owner, tags[item.name]))
+                continue
+            whole = full[item.name] = item.local.new_empty(item.rows, *item.rest)
+            for rank in range(self.world_size):
+                start, end = rows_of(item.rows, self.world_size, rank)
+                if rank == self.rank:
+                    whole[start:end] = item.local
+                elif end > start:
+                    works.append(self._recv(whole[start:end], rank, tags[item.name]))
+        return full, works
+
+    def _send(self, tensor: Tensor, rank: int, tag: int) -> dist.Work:
+        """Start sending a contiguous ``tensor`` to group rank ``rank``."""
+        assert tensor.is_contiguous()
+        self.collectives.traffic.add("send", tensor)
+        group = self.collectives.group
+        return dist.isend(tensor, group=group, group_dst=rank, tag=tag)
+
+    def _recv(self, tensor: Tensor, rank: int, tag: int) -> dist.Work:
+        """Start receiving from group rank ``rank`` into a contiguous ``tensor``."""
+        assert tensor.is_contiguous()
+        return dist.irecv(tensor, group=self.collectives.group, group_src=rank, tag=tag)
 
     def inner(
         self, preconditioned: Mapping[str, Tensor], grads: Mapping[str, Tensor], local: Inner
@@ -361,9 +483,11 @@ class ShardedDistribution(DataParallelDistribution):
 
     def memory(self) -> dict[str, int]:
         """Bytes this rank holds: ``running`` factors (whole, as on one process), the
-        ``decompositions`` it keeps, the ``gradient_buffers`` of the largest gathered
-        bucket and its local ``parameter_shards`` of the registered layers."""
+        ``decompositions`` it keeps, the ``gradient_buffers`` of the largest bucket it
+        gathers or (owner mode) receives, and its local ``parameter_shards`` of the
+        registered layers."""
         itemsize = torch.empty((), dtype=self.dtype).element_size()
+        owner = self.options.shard_preconditioning == "owner"
         running = sum(
             math.prod(shape)
             for block in self.blocks.values()
@@ -371,6 +495,8 @@ class ShardedDistribution(DataParallelDistribution):
         )
         kept = 0
         for name, block in self.blocks.items():
+            if owner and self.assignment.owners[name] != self.rank:
+                continue
             live = set(getattr(block, "live_keys", tuple)())  # never decomposed (EKFAC)
             for key in block.factor_shapes():
                 if key in live:
@@ -380,21 +506,33 @@ class ShardedDistribution(DataParallelDistribution):
                 else:
                     start, end = self.row_local[name]
                     kept += (end - start) * (end - start + 1)
-        groups: dict[object, list[int]] = defaultdict(list)
-        for name, block in self.blocks.items():
-            if name not in self.row_local and isinstance(block.parameters()[0], DTensor):
-                groups[block.batch_key()].append(sum(p.numel() for p in block.parameters()))
-        # a bucket's gathered copy, its whole gradients and their results, and the next
-        # bucket's gathered copy in flight
-        largest = max(
-            (
-                sum(sizes[i] for i in b)
-                for sizes in groups.values()
-                for b in buckets([n * itemsize for n in sizes], self.bucket_cap_bytes)
-            ),
-            default=0,
-        )
-        gathered = 4 * largest
+        sizes = {  # bytes of each gathered (or owner-preconditioned) layer's gradient
+            name: sum(p.numel() * p.element_size() for p in block.parameters())
+            for name, block in self.blocks.items()
+            if name not in self.row_local and isinstance(block.parameters()[0], DTensor)
+        }
+        if owner:
+            # a round's whole gradients and their results, and the next round's in flight
+            mine = [
+                sum(sizes[n] for n in names if self.assignment.owners[n] == self.rank)
+                for names in self._owner_rounds(sizes)
+            ]
+            buffers = 3 * max(mine, default=0)
+        else:
+            # a bucket's gathered copy, its whole gradients and their results, and the next
+            # bucket's gathered copy in flight
+            groups: dict[object, list[int]] = defaultdict(list)
+            for name, size in sizes.items():
+                groups[self.blocks[name].batch_key()].append(size)
+            largest = max(
+                (
+                    sum(group[i] for i in bucket)
+                    for group in groups.values()
+                    for bucket in buckets(group, self.bucket_cap_bytes)
+                ),
+                default=0,
+            )
+            buffers = 4 * largest
         shards = 0
         for block in self.blocks.values():
             for p in block.parameters():
@@ -402,7 +540,7 @@ class ShardedDistribution(DataParallelDistribution):
         return {
             "running": running * itemsize,
             "decompositions": kept * itemsize,
-            "gradient_buffers": gathered * itemsize,
+            "gradient_buffers": buffers,
             "parameter_shards": shards,
         }
 
@@ -410,11 +548,16 @@ class ShardedDistribution(DataParallelDistribution):
         """The fit-start line: the mode and this rank's K-FAC memory."""
         mib = {k: v / 2**20 for k, v in self.memory().items()}
         mode = self.options.shard_preconditioning
+        detail = ""
+        if mode == "block_diagonal":
+            detail = f", {len(self.row_local)} layers block-diagonal"
+        elif mode == "owner":
+            owned = sum(rank == self.rank for rank in self.assignment.owners.values())
+            detail = f", {owned} of {len(self.blocks)} layers preconditioned here"
         return (
-            f"K-FAC sharded over {self.world_size} ranks ({mode}"
-            + (f", {len(self.row_local)} layers block-diagonal" if mode == "block_diagonal" else "")
-            + f"); per rank (rank {self.rank}): running factors {mib['running']:.3f} MiB, "
-            f"decompositions {mib['decompositions']:.3f} MiB, gradient buffers up to "
+            f"K-FAC sharded over {self.world_size} ranks ({mode}{detail}); per rank (rank "
+            f"{self.rank}): running factors {mib['running']:.3f} MiB, decompositions "
+            f"{mib['decompositions']:.3f} MiB, gradient buffers up to "
             f"{mib['gradient_buffers']:.3f} MiB, parameter shards {mib['parameter_shards']:.3f} MiB"
         )
 

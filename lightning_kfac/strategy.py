@@ -151,8 +151,11 @@ class KFACModelParallelStrategy(ModelParallelStrategy):
 
     Args:
         kfac_shard_preconditioning: ``"gather"`` (exact; each layer's gradient rows are
-            gathered by shape group) or ``"block_diagonal"`` (no gradient traffic; the
-            diagonal block of ``G`` for each rank's rows, an approximation).
+            gathered by shape group, every rank keeps every decomposition and
+            preconditions every layer), ``"block_diagonal"`` (no gradient traffic; the
+            diagonal block of ``G`` for each rank's rows, an approximation) or ``"owner"``
+            (exact, memory-optimised: each layer's decompositions stay on one rank, which
+            preconditions the layer and sends each rank its rows back).
         kfac_reduce_every_update: as for ``KFACDDPStrategy``.
         kfac_pack_triangular: as for ``KFACDDPStrategy``.
         kfac_bucket_cap_mb: the largest buffer handed to one K-FAC collective (factor

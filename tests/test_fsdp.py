@@ -113,7 +113,7 @@ def test_plain_model_parallel_strategy_is_detected(sharded):
 
 
 def test_replicated_state_identical_and_kl_scale_equal_on_every_rank(sharded):
-    for mode in ("gather", "block_diagonal", "resumed"):
+    for mode in ("gather", "block_diagonal", "resumed", "owner", "owner_resumed"):
         result = sharded[mode]
         assert result["identical"], mode
         first, second = result["scales"]
@@ -127,6 +127,46 @@ def test_resume_from_a_sharded_checkpoint_equals_an_unbroken_run(sharded):
     # the saved factors are the mean over ranks: equal up to the order of the sums
     unbroken = sharded["gather"]["scales"][0][STEPS // 2 :]
     assert sharded["resumed"]["scales"][0] == pytest.approx(unbroken, rel=1e-12)
+
+
+def test_owner_mode_equals_one_process_with_the_global_batch(sharded):
+    """Each layer preconditioned whole by its owner, which sends every rank its rows: an
+    MLP; a CNN with a grouped conv and background decompositions; an embedding, LayerNorm
+    and BatchNorm1d with factors reduced on every update and sends of one layer a round."""
+    assert_params_close(sharded["owner"]["params"], single_process())
+    assert_params_close(sharded["cnn_owner"]["params"], single_process("cnn", **CNN_KFAC))
+    assert_params_close(sharded["tokens_owner"]["params"], single_process("tokens"))
+    for kind in ("owner", "cnn_owner", "tokens_owner"):
+        result = sharded[kind]
+        assert "owner" in result["describe"] and result["identical"], kind
+        traffic = result["traffic"][0]
+        # gradient rows sent point to point; no decomposition is broadcast, nothing gathered
+        assert traffic["send"] > 0 and "broadcast" not in traffic and "all_gather" not in traffic
+
+
+def test_owner_mode_keeps_each_decomposition_on_one_rank(sharded):
+    owner, gather = sharded["owner"], sharded["gather"]
+    for kind, every_rank in (("owner", "gather"), ("cnn_owner", "cnn"), ("tokens_owner", "tokens")):
+        kept = sharded[kind]["kept"]
+        assert all(kept) and not set(kept[0]) & set(kept[1]), kind
+        assert (
+            sorted(kept[0] + kept[1])
+            == sharded[every_rank]["kept"][0]
+            == sharded[every_rank]["kept"][1]
+        )
+    for mine, every in zip(owner["memory"], gather["memory"]):
+        assert mine["running"] == every["running"]
+        assert mine["decompositions"] < 0.6 * every["decompositions"]
+    split = sum(m["decompositions"] for m in owner["memory"])
+    assert split == gather["memory"][0]["decompositions"]  # each one on exactly one rank
+
+
+def test_owner_mode_resumes_from_a_sharded_checkpoint_as_an_unbroken_run(sharded):
+    assert_params_close(
+        sharded["owner_resumed"]["params"], sharded["owner"]["params"], 1e-12, 1e-14
+    )
+    unbroken = sharded["owner"]["scales"][0][STEPS // 2 :]
+    assert sharded["owner_resumed"]["scales"][0] == pytest.approx(unbroken, rel=1e-12)
 
 
 class BlockDiagonal:
@@ -226,9 +266,11 @@ def final_loss(run, last: int = 8) -> float:
 
 
 def test_a_wide_model_holds_less_per_rank_than_under_ddp_and_beats_sgd(sharded):
-    """A 7-layer, 64-wide MLP on badly scaled inputs, 40 steps: FSDP2 + K-FAC (gather, one
-    layer a bucket) against FSDP2 + SGD at three learning rates and against K-FAC under
-    kfac_ddp, memory per rank measured from the tensors each rank holds."""
+    """A 7-layer, 64-wide MLP on badly scaled inputs, 40 steps: FSDP2 + K-FAC (gather and
+    owner, one layer a bucket) against FSDP2 + SGD at three learning rates and against K-FAC
+    under kfac_ddp (shared and owner), memory per rank measured from the tensors each rank
+    holds: parameters, running factors, the factors behind the decompositions and the
+    decompositions."""
     runs = sharded["wide"]
     kfac, ddp = runs["kfac"], runs["ddp"]
     assert kfac["identical"] and kfac["distribution"] == "ShardedDistribution"
@@ -250,12 +292,27 @@ def test_a_wide_model_holds_less_per_rank_than_under_ddp_and_beats_sgd(sharded):
         state = {k: v for k, v in sharded_rank.items() if k != "parameters"}
         assert state == {k: v for k, v in whole_rank.items() if k != "parameters"}
     fsdp = max(sum(held.values()) for held in kfac["held"])
-    assert fsdp < 0.95 * min(sum(held.values()) for held in ddp["held"])
+    whole = min(sum(held.values()) for held in ddp["held"])
+    assert fsdp < 0.95 * whole
+    # owner mode: the same training; each rank keeps about half the decompositions, and its
+    # peak (its state and the whole gradients it preconditions, as reported) is well below
+    # what kfac_ddp holds
+    owner = runs["owner"]
+    assert_params_close(owner["params"], kfac["params"])
+    every = ddp["held"][0]["decompositions"]
+    for held, reported in zip(owner["held"], owner["memory"]):
+        assert held["decompositions"] == reported["decompositions"] < 0.55 * every
+        assert sum(held.values()) + reported["gradient_buffers"] < 0.9 * whole
+    # against kfac_ddp's own owner mode: half the parameters less, the same K-FAC state
+    for sharded_rank, whole_rank in zip(owner["held"], runs["ddp_owner"]["held"]):
+        saved = whole_rank["parameters"] - sharded_rank["parameters"]
+        assert sum(whole_rank.values()) - sum(sharded_rank.values()) == saved > 0
 
 
 def test_unsupported_layouts_refused_with_what_is_supported(sharded):
-    hsdp, column, attention = sharded["refusals"]
+    hsdp, column, attention, ekfac_owner = sharded["refusals"]
     assert "MultiheadAttentionBlock" in attention and "exclude" in attention
+    assert "kfac_shard_preconditioning='gather'" in ekfac_owner
     for message in (hsdp, column):
         assert "(Shard(dim=0),)" in message and "tensor_parallel_size=1" in message
     assert "Replicate()" in hsdp and "Shard(dim=1)" in column
@@ -264,11 +321,14 @@ def test_unsupported_layouts_refused_with_what_is_supported(sharded):
 def test_strategy_options_and_meshes_refused_at_construction():
     with pytest.raises(ValueError, match="tensor_parallel_size must be 1"):
         KFACModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
-    with pytest.raises(ValueError, match="kfac_shard_preconditioning"):
+    allowed = r"kfac_shard_preconditioning must be one of \('gather', 'block_diagonal', 'owner'\)"
+    with pytest.raises(ValueError, match=allowed):
         KFACModelParallelStrategy(kfac_shard_preconditioning="rows")
+    owner = KFACModelParallelStrategy(kfac_shard_preconditioning="owner")
+    assert owner.kfac_options.shard_preconditioning == "owner"
     with pytest.raises(ValueError, match=r"unknown options \['start_method'\]"):
         KFACModelParallelStrategy(start_method="spawn")
-    with pytest.raises(ValueError, match="precondition_mode must be 'shared'"):
+    with pytest.raises(ValueError, match="shard_preconditioning='owner'"):
         ShardedOptions(precondition_mode="owner")
     from lightning.pytorch.strategies import StrategyRegistry
 

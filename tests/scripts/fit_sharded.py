@@ -5,14 +5,15 @@ set (so Lightning launches nothing and every fit below shares one process group)
 
     python tests/scripts/fit_sharded.py OUT_DIR
 
-Runs, in order: the gather mode for ``STEPS`` steps (a distributed checkpoint at step
-``STEPS // 2``), a resume from that checkpoint to ``STEPS``, the block-diagonal mode, the
-gather mode under Lightning's plain ``ModelParallelStrategy``, a CNN with a grouped conv
-(block-diagonal: the grouped conv gathered, the other layers row-local), a model with an
-embedding, LayerNorm and BatchNorm1d (gather), EKFAC (gather), a wider and deeper MLP on
-badly scaled inputs (K-FAC gather, SGD at three learning rates, K-FAC under ``kfac_ddp``
-for the memory comparison), and the layout checks that must refuse HSDP, non-dim-0
-sharding and a sharded attention layer. Rank 0 writes ``OUT_DIR/results.pt``: every run's
+Runs, in order: the gather and the owner modes for ``STEPS`` steps (a distributed
+checkpoint at step ``STEPS // 2``), each resumed from that checkpoint to ``STEPS``, the
+block-diagonal mode, the gather mode under Lightning's plain ``ModelParallelStrategy``, a
+CNN with a grouped conv (block-diagonal: the grouped conv gathered, the other layers
+row-local), a model with an embedding, LayerNorm and BatchNorm1d (gather), EKFAC (gather),
+the CNN and the embedding model in owner mode, a wider and deeper MLP on badly scaled inputs
+(K-FAC gather and owner, SGD at three learning rates, K-FAC under ``kfac_ddp`` for the
+memory comparison), and the checks that must refuse HSDP, non-dim-0 sharding, a sharded
+attention layer and EKFAC in owner mode. Rank 0 writes ``OUT_DIR/results.pt``: every run's
 final full parameters, each rank's KL-clip scales and losses, whether K-FAC's replicated
 state was bitwise equal on both ranks, each rank's memory report, the bytes each rank held
 (measured from the tensors) and the refusal messages.
@@ -33,8 +34,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from lightning_kfac import KFACCallback
+from lightning_kfac.blocks import LinearBlock
+from lightning_kfac.communication import Collectives
 from lightning_kfac.discovery import discover
-from lightning_kfac.sharded import check_gradient_layouts, check_parameter
+from lightning_kfac.distribution import OwnerPreconditioning
+from lightning_kfac.ekfac import EigenvalueCorrectedBlock
+from lightning_kfac.options import ShardedOptions
+from lightning_kfac.sharded import ShardedDistribution, check_gradient_layouts, check_parameter
 from lightning_kfac.strategy import KFACDDPStrategy, KFACModelParallelStrategy
 from tests.helpers import (
     LocalBatch,
@@ -112,13 +118,14 @@ class ShardedClassifier(StepIndexedClassifier):
 
 
 class Record(Callback):
-    """Each rank's losses and KL-clip scales of every step; at the end, whether the
-    replicated K-FAC state (global factors, decompositions every rank keeps) is bitwise
-    equal on every rank."""
+    """KL-clip scales of every step; at the end, whether the replicated K-FAC state (global
+    factors, decompositions every rank keeps) is bitwise equal on every rank, and the
+    layers whose decompositions this rank holds."""
 
     def __init__(self) -> None:
         self.scales: list[float] = []
         self.identical = None
+        self.kept: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         kfac = _kfac(trainer)
@@ -131,11 +138,13 @@ class Record(Callback):
             return
         engine = _kfac(trainer).engine
         row_local = set(getattr(engine.distribution, "row_local", {}))
+        owner = isinstance(engine.distribution.assignment, OwnerPreconditioning)
+        self.kept = sorted(name for name, state in engine.state.items() if state.decompositions)
         parts = []
         for name, state in sorted(engine.state.items()):
             parts += [t.reshape(-1) for _, t in sorted(state.decomposed.items())]
             for key, decomposition in sorted(state.decompositions.items()):
-                if (name in row_local and key == "G") or key not in state.decomposed:
+                if owner or (name in row_local and key == "G") or key not in state.decomposed:
                     continue
                 parts += [t.reshape(-1) for t in decomposition.tensors()]
         flat = torch.cat(parts).contiguous()
@@ -203,7 +212,9 @@ def fit(
     callbacks = [record] + ([] if callback is None else [callback])
     if save_at:
         callbacks.append(
-            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=save_at, save_top_k=-1)
+            ModelCheckpoint(
+                dirpath=out / f"ckpt-{mode}", every_n_train_steps=save_at, save_top_k=-1
+            )
         )
     if mode == "ddp":
         strategy = KFACDDPStrategy(**options)
@@ -236,6 +247,7 @@ def fit(
     return result | {
         "scales": _everyone(record.scales),
         "identical": record.identical,
+        "kept": _everyone(record.kept),
         "memory": _everyone(reported),
         "describe": getattr(distribution, "describe", lambda: "")(),
         "traffic": _everyone(dict(distribution.collectives.traffic.bytes)),
@@ -248,13 +260,14 @@ def _full(tensor):
 
 
 def wide(out: Path) -> dict:
-    """The wide model: K-FAC (gather) and SGD at each of ``WIDE_SGD_LRS`` under FSDP2, and
-    K-FAC under ``kfac_ddp``, for the same steps and data."""
+    """The wide model: K-FAC (gather and owner) and SGD at each of ``WIDE_SGD_LRS`` under
+    FSDP2, and K-FAC under ``kfac_ddp`` (shared and owner), for the same steps and data."""
+    kfac = dict(kind="wide", kfac=WIDE_KFAC, lr=WIDE_KFAC_LR)
     runs = {
-        "kfac": fit(
-            out, "gather", WIDE_STEPS, kind="wide", kfac=WIDE_KFAC, lr=WIDE_KFAC_LR, **WIDE_STRATEGY
-        ),
-        "ddp": fit(out, "ddp", WIDE_STEPS, kind="wide", kfac=WIDE_KFAC, lr=WIDE_KFAC_LR),
+        "kfac": fit(out, "gather", WIDE_STEPS, **kfac, **WIDE_STRATEGY),
+        "owner": fit(out, "owner", WIDE_STEPS, **kfac, **WIDE_STRATEGY),
+        "ddp": fit(out, "ddp", WIDE_STEPS, **kfac),
+        "ddp_owner": fit(out, "ddp", WIDE_STEPS, **kfac, kfac_precondition_mode="owner"),
     }
     for lr in WIDE_SGD_LRS:
         runs[f"sgd {lr}"] = fit(out, "plain", WIDE_STEPS, kind="wide", kfac=None, lr=lr)
@@ -262,7 +275,8 @@ def wide(out: Path) -> dict:
 
 
 def refusals() -> list[str]:
-    """Layouts K-FAC must refuse: HSDP (a 2-D mesh) and sharding along dim 1."""
+    """What K-FAC must refuse under sharding: HSDP (a 2-D mesh), sharding along dim 1, a
+    sharded attention layer and EKFAC in owner mode."""
     from torch.distributed.device_mesh import init_device_mesh
 
     messages = []
@@ -285,24 +299,36 @@ def refusals() -> list[str]:
         messages.append("")
     except ValueError as error:
         messages.append(str(error))
+    ekfac = {"0": EigenvalueCorrectedBlock(LinearBlock(fully_shard(nn.Linear(4, 4), mesh=flat)))}
+    owner = ShardedDistribution(Collectives(), ShardedOptions(shard_preconditioning="owner"))
+    try:
+        owner.setup(ekfac, torch.float32)
+        messages.append("")
+    except ValueError as error:
+        messages.append(str(error))
     return messages
 
 
 def main() -> None:
     out = Path(sys.argv[1])
     torch.set_num_threads(1)  # 2 ranks on 2 cores: more threads only spin against each other
-    results = {"gather": fit(out, "gather", STEPS, save_at=STEPS // 2)}
-    checkpoint = out / "ckpt" / f"epoch=0-step={STEPS // 2}.ckpt"
-    results["resumed"] = fit(out, "gather", STEPS, ckpt_path=str(checkpoint))
+    checkpoint = f"epoch=0-step={STEPS // 2}.ckpt"
+    results = {}
+    for mode, resumed in (("gather", "resumed"), ("owner", "owner_resumed")):
+        results[mode] = fit(out, mode, STEPS, save_at=STEPS // 2)
+        results[resumed] = fit(out, mode, STEPS, ckpt_path=str(out / f"ckpt-{mode}" / checkpoint))
     results["block_diagonal"] = fit(out, "block_diagonal", STEPS)
     results["plain"] = fit(out, "plain", STEPS)
     # background decompositions; factors reduced on every update, gathers in tiny buckets
     results["cnn"] = fit(out, "block_diagonal", STEPS, kind="cnn", kfac=KFAC | CNN_KFAC)
     results["tokens"] = fit(out, "gather", STEPS, kind="tokens", **TOKENS_STRATEGY)
     results["ekfac"] = fit(out, "gather", STEPS, kind="narrow", kfac=KFAC | EKFAC)
+    # owner mode with background decompositions, a grouped conv, embeddings and norms
+    results["cnn_owner"] = fit(out, "owner", STEPS, kind="cnn", kfac=KFAC | CNN_KFAC)
+    results["tokens_owner"] = fit(out, "owner", STEPS, kind="tokens", **TOKENS_STRATEGY)
     results["wide"] = wide(out)
     results["refusals"] = refusals()
-    results["checkpoint_is_dir"] = checkpoint.is_dir()
+    results["checkpoint_is_dir"] = (out / "ckpt-gather" / checkpoint).is_dir()
     if dist.get_rank() == 0:
         torch.save(results, out / "results.pt")
     dist.barrier()
