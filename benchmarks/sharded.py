@@ -9,8 +9,9 @@ batch on 2 ranks, one thread each, around the engine and the distribution that
 ``"kfac_ddp"`` (``DataParallelDistribution``). Reported: median and p95 ms per step (rank
 0); K-FAC bytes handed to collectives per step (rank 0, all steps); and per rank the bytes
 of the model's parameters held (a shard under FSDP2, whole under DDP) and of
-K-FAC's state: running factors, the decompositions the rank keeps, and the largest
-gradient buffers the gather mode allocates.
+K-FAC's state: running factors, the decompositions the rank keeps, and the gradient
+buffers K-FAC allocates in a step (under FSDP2 the largest bucket gathered or, in owner
+mode, received; in kfac_ddp's owner mode the other owners' broadcast gradients).
 """
 
 from __future__ import annotations
@@ -41,12 +42,14 @@ from lightning_kfac.sharded import ShardedDistribution
 
 WORLD = 2
 CONFIGS = {
-    # name: (parallelism, optimizer, K-FAC: None or the sharded mode / "ddp")
+    # name: (parallelism, optimizer, K-FAC: None, the sharded mode or kfac_ddp's mode)
     "FSDP2 + SGD": ("fsdp", "sgd", None),
     "FSDP2 + AdamW": ("fsdp", "adamw", None),
     "FSDP2 + K-FAC, gather": ("fsdp", "sgd", "gather"),
     "FSDP2 + K-FAC, block_diagonal": ("fsdp", "sgd", "block_diagonal"),
-    "DDP + K-FAC (kfac_ddp)": ("ddp", "sgd", "ddp"),
+    "FSDP2 + K-FAC, owner": ("fsdp", "sgd", "owner"),
+    "DDP + K-FAC (kfac_ddp)": ("ddp", "sgd", "shared"),
+    "DDP + K-FAC (kfac_ddp, owner)": ("ddp", "sgd", "owner"),
 }
 
 
@@ -57,19 +60,31 @@ def build(width: int) -> nn.Module:
 
 
 def ddp_memory(distribution: DataParallelDistribution) -> dict[str, int]:
-    """K-FAC's bytes per rank under kfac_ddp's shared mode: whole factors and every
-    decomposition on every rank."""
+    """K-FAC's bytes per rank under kfac_ddp: whole factors on every rank; every
+    decomposition (shared mode) or those of the rank's own layers and the broadcast buffers
+    of the others' preconditioned gradients (owner mode)."""
     itemsize = torch.empty((), dtype=distribution.dtype).element_size()
-    blocks = distribution.blocks.values()
-    running = sum(math.prod(s) for b in blocks for s in b.factor_shapes().values())
+    blocks = distribution.blocks
+    owner = distribution.options.precondition_mode == "owner"
+    running = sum(math.prod(s) for b in blocks.values() for s in b.factor_shapes().values())
     kept = sum(
-        math.prod(s) for b in blocks for k in b.factor_shapes() for s in b.decomposition_shapes(k)
+        math.prod(s)
+        for name, b in blocks.items()
+        for k in b.factor_shapes()
+        if not owner or distribution.assignment.owner((name, k)) == distribution.rank
+        for s in b.decomposition_shapes(k)
     )
-    shards = sum(p.numel() * p.element_size() for b in blocks for p in b.parameters())
+    received = sum(
+        p.numel() * p.element_size()
+        for name, b in blocks.items()
+        if owner and distribution.assignment.owner((name, "A")) != distribution.rank
+        for p in b.parameters()
+    )
+    shards = sum(p.numel() * p.element_size() for b in blocks.values() for p in b.parameters())
     return {
         "running": running * itemsize,
         "decompositions": kept * itemsize,
-        "gradient_buffers": 0,
+        "gradient_buffers": received,
         "parameter_shards": shards,
     }
 
@@ -93,8 +108,9 @@ def worker(rank: int, port: int, args, config: tuple, queue) -> None:
         model = DistributedDataParallel(net)
     engine = None
     if kfac is not None:
-        if kfac == "ddp":
-            distribution = DataParallelDistribution(Collectives(), DataParallelOptions())
+        if parallelism == "ddp":
+            options = DataParallelOptions(precondition_mode=kfac)
+            distribution = DataParallelDistribution(Collectives(), options)
         else:
             options = ShardedOptions(shard_preconditioning=kfac)
             distribution = ShardedDistribution(Collectives(), options)
@@ -125,7 +141,7 @@ def worker(rank: int, port: int, args, config: tuple, queue) -> None:
     traffic = 0
     if engine is not None:
         distribution = engine.distribution
-        memory = distribution.memory() if kfac != "ddp" else ddp_memory(distribution)
+        memory = distribution.memory() if parallelism == "fsdp" else ddp_memory(distribution)
         traffic = distribution.collectives.traffic.total
     result = {
         "median_ms": 1000 * statistics.median(times),
@@ -183,7 +199,7 @@ def main() -> None:
     print(
         "| configuration | median ms/step | p95 ms/step | K-FAC bytes/step | parameters "
         "MiB/rank | running factors MiB/rank | decompositions MiB/rank (rank 0, 1) | "
-        "gradient buffers MiB/rank |"
+        "gradient buffers MiB/rank (rank 0, 1) |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, config in CONFIGS.items():
@@ -194,12 +210,13 @@ def main() -> None:
         def mib(key: str, memory=memory) -> str:
             return f"{memory[0][key] / 2**20:.2f}" if memory[0] else "-"
 
-        kept = ", ".join(f"{m['decompositions'] / 2**20:.2f}" for m in memory) if memory[0] else "-"
+        def per_rank(key: str, memory=memory) -> str:
+            return ", ".join(f"{m[key] / 2**20:.2f}" for m in memory) if memory[0] else "-"
+
         print(
             f"| {name} | {first['median_ms']:.1f} | {first['p95_ms']:.1f} | "
             f"{first['bytes_per_step']:,.0f} | {first['parameters'] / 2**20:.2f} | "
-            f"{mib('running')} | "
-            f"{kept} | {mib('gradient_buffers')} |",
+            f"{mib('running')} | {per_rank('decompositions')} | {per_rank('gradient_buffers')} |",
             flush=True,
         )
 

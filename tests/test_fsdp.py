@@ -274,8 +274,9 @@ def test_a_wide_model_holds_less_per_rank_than_under_ddp_and_beats_sgd(sharded):
     runs = sharded["wide"]
     kfac, ddp = runs["kfac"], runs["ddp"]
     assert kfac["identical"] and kfac["distribution"] == "ShardedDistribution"
-    # the same training as kfac_ddp (gather mode is exact)
+    # the same training as kfac_ddp, in both its modes (gather mode is exact)
     assert_params_close(kfac["params"], ddp["params"])
+    assert_params_close(runs["ddp_owner"]["params"], ddp["params"])
     sgd = {lr: final_loss(runs[f"sgd {lr}"]) for lr in WIDE_SGD_LRS}
     assert min(sgd, key=sgd.get) == WIDE_SGD_LRS[1], f"SGD's best rate must be inside {sgd}"
     assert final_loss(kfac) < 0.6 * min(sgd.values()), (final_loss(kfac), sgd)
