@@ -12,7 +12,7 @@ reports the steps and seconds to reach it and its own loss at the last step; its
 averages over every output, so K-FAC runs with ``loss_terms="elements"`` (K = N*D: the true
 Fisher's sampled loss is built with K, a wrong K would scale its G the other way from the
 empirical Fisher's). Each K-FAC variant runs with each ``--schedules`` entry: the defaults
-(factors every step, decompositions every 10) and rare updates (factors every 20,
+(factors every step, decompositions every 10) and rare updates (factors every 10,
 decompositions every 100: a basis up to 100 steps old, which EKFAC rescales on every factor
 step). Seconds are the training steps' time by ``--clock``: ``wall`` or ``process`` (CPU
 time of this process, which a shared machine inflates less; one thread). Medians over
@@ -47,7 +47,7 @@ VARIANTS = {
 #: name -> K-FAC update frequencies.
 SCHEDULES = {
     "default": dict(),
-    "rare": dict(factor_update_freq=20, inv_update_freq=100),
+    "rare": dict(factor_update_freq=10, inv_update_freq=100),
 }
 #: The clock the autoencoder's training seconds are read from (see ``--clock``).
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}

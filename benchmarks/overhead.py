@@ -66,6 +66,10 @@ CONFIGS = {
     "Adam": ("adam", None),
     "K-FAC (defaults: factors 1, decompositions 10)": ("sgd", dict()),
     "K-FAC (factors and decompositions every step)": ("sgd", dict(inv_update_freq=1)),
+    "K-FAC (rare: factors 10, decompositions 100)": (
+        "sgd",
+        dict(factor_update_freq=10, inv_update_freq=100),
+    ),
 }
 WIDE_CONFIGS = {
     "K-FAC, head block-diagonal (blocks of 256)": (
