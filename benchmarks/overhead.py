@@ -90,14 +90,21 @@ WIDE_CONFIGS = {
 }
 
 
+#: Random batches each model cycles through (random labels: nothing to memorise quickly).
+POOL = 64
+
+
 class Runner:
-    """One model and optimizer (and K-FAC engine), stepping on a fixed batch."""
+    """One model and optimizer (and K-FAC engine), stepping through ``POOL`` random batches
+    in turn (on one repeated batch the loss reaches zero and the gradients vanish: float32
+    arithmetic on subnormal numbers then slows the steps)."""
 
     def __init__(self, build, shape, batch, optimizer, kfac, discovery=None) -> None:
         torch.manual_seed(0)
         self.model = build()
-        self.x = torch.randn(batch, *shape)
-        self.y = torch.randint(0, 10, (batch,))
+        self.x = torch.randn(POOL, batch, *shape)
+        self.y = torch.randint(0, 10, (POOL, batch))
+        self.step = 0
         if optimizer == "adam":
             self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         else:
@@ -120,7 +127,9 @@ class Runner:
         """Seconds per step over ``count`` steps."""
         start = self.clock()
         for _ in range(count):
-            train_step(self.model, self.optimizer, self.engine, self.x, self.y)
+            index = self.step % POOL
+            train_step(self.model, self.optimizer, self.engine, self.x[index], self.y[index])
+            self.step += 1
         return (self.clock() - start) / count
 
 

@@ -8,7 +8,7 @@ kfac-pytorch (``pip install --no-deps kfac-pytorch``) is no dependency of this p
 without it the script says so and exits. Models: the MLP 256-512-512-10 (batch 256) and the
 deep narrow MLP 17x32 (batch 64) of ``benchmarks/overhead.py``, and the MNIST-1D baseline
 CNN (batch 100) with its Conv1d layers as Conv2d of height 1 (kfac-pytorch registers Linear
-and Conv2d layers only; the factors are the same). Each trains on one fixed random batch in
+and Conv2d layers only; the factors are the same). Each trains on fresh random batches in
 a real Lightning Trainer (CPU, ``--threads`` threads, SGD with momentum 0.9, lr 0.01) with
 no K-FAC, with ``KFACCallback``, and with kfac-pytorch's ``KFACPreconditioner``, stepped by
 a small callback in ``on_before_optimizer_step`` (after backward, before the optimizer).
@@ -136,9 +136,10 @@ def fit(build, shape, batch: int, kfac: Callback | None, args: argparse.Namespac
     SGD alone); the timed steps as ``(seconds, decomposition step)``."""
     torch.manual_seed(0)
     net = build()
-    x, y = torch.randn(batch, *shape), torch.randint(0, 10, (batch,))
     count = args.warmup + args.steps
-    data = TensorDataset(x.repeat(count, *[1] * len(shape)), y.repeat(count))
+    # a fresh random batch every step: on one repeated batch the loss reaches zero, the
+    # gradients vanish and float32 arithmetic on subnormal numbers slows every library
+    data = TensorDataset(torch.randn(count * batch, *shape), torch.randint(0, 10, (count * batch,)))
     timer = StepTimes(CLOCKS[args.clock], args.warmup, args.inv_update_freq)
     trainer = L.Trainer(
         accelerator="cpu",
