@@ -23,7 +23,7 @@ pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Pages opened in the browser: every page with formulas, and the newcomer's first pages.
-RENDERED_PAGES = ("math", "quickstart", "tuning", "gpu", "index")
+RENDERED_PAGES = ("math", "quickstart", "tuning", "gpu", "sharded", "index")
 MATHJAX = "javascripts/mathjax/tex-svg.js"
 #: What raw LaTeX looks like when it is left untypeset.
 RAW_LATEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\\frac|\\sum|\\begin\{")
