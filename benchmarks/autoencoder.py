@@ -96,7 +96,42 @@ class LossCurve(Callback):
 
     def first_below(self, target: float) -> tuple[float, float]:
         """(steps, seconds) at the first measurement with a loss <= ``target``, or infinite."""
-        return next(((s, t) for s, t, loss in self.points if loss <= target), (math.inf,) * 2)
+        return first_below(self.points, target)
+
+
+def first_below(points: list[tuple[int, float, float]], target: float) -> tuple[float, float]:
+    """(steps, seconds) of the first ``(step, seconds, loss)`` point with a loss <= ``target``,
+    or infinite."""
+    return next(((s, t) for s, t, loss in points if loss <= target), (math.inf,) * 2)
+
+
+def fit(
+    seed: int,
+    steps: int,
+    every: int,
+    digits: torch.Tensor,
+    optimizer: str,
+    lr: float,
+    kfac: dict | None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> LossCurve:
+    """One seeded training run of ``steps`` steps at batch 256 in a Lightning Trainer, with
+    K-FAC when ``kfac`` (``KFACCallback`` arguments) is given; its loss curve."""
+    L.seed_everything(seed, verbose=False)
+    curve = LossCurve(digits, every, clock)
+    callbacks = [curve] + ([KFACCallback(**kfac, verbose=False)] if kfac else [])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = DataLoader(TensorDataset(digits), batch_size=256, shuffle=True, drop_last=True)
+    trainer.fit(Autoencoder(optimizer, lr), loader)
+    return curve
 
 
 #: optimizer -> (optimizer, learning-rate grid, K-FAC options or None).
@@ -145,20 +180,7 @@ def main() -> None:
     digits = torch.tensor(load_digits().data, dtype=torch.float32) / 16.0
 
     def run(name: str, optimizer: str, kfac: dict | None, lr: float, seed: int) -> LossCurve:
-        L.seed_everything(seed, verbose=False)
-        curve = LossCurve(digits, args.every)
-        callbacks = [curve] + ([KFACCallback(**kfac, verbose=False)] if kfac else [])
-        trainer = L.Trainer(
-            accelerator="cpu",
-            max_steps=args.steps,
-            callbacks=callbacks,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        loader = DataLoader(TensorDataset(digits), batch_size=256, shuffle=True, drop_last=True)
-        trainer.fit(Autoencoder(optimizer, lr), loader)
+        curve = fit(seed, args.steps, args.every, digits, optimizer, lr, kfac)
         print(f"  {name} lr={lr:g} seed={seed}: final loss {curve.points[-1][2]:.4f}", flush=True)
         return curve
 

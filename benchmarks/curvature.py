@@ -26,14 +26,11 @@ import math
 import statistics
 import time
 
-import lightning as L
 import torch
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.autoencoder import Autoencoder, LossCurve
+from benchmarks.autoencoder import first_below, fit
 from examples.mnist1d_kfac import train
-from lightning_kfac import KFACCallback
 
 #: name -> K-FAC options beyond the defaults (the likelihood is set per model).
 VARIANTS = {
@@ -91,33 +88,6 @@ def mnist1d(seeds: int, steps: int, eval_every: int, targets: tuple[float, ...])
         print(f"| {name} | {final:.3f} | {ms:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
-def autoencoder_run(
-    seed: int, steps: int, every: int, digits, optimizer, lr, kfac, clock=time.perf_counter
-):
-    L.seed_everything(seed, verbose=False)
-    curve = LossCurve(digits, every, clock)
-    callbacks = [curve] + ([KFACCallback(**kfac, verbose=False)] if kfac is not None else [])
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    loader = DataLoader(TensorDataset(digits), batch_size=256, shuffle=True, drop_last=True)
-    trainer.fit(Autoencoder(optimizer, lr), loader)
-    return curve.points
-
-
-def first_below(points, target: float) -> tuple[float, float]:
-    for step, seconds, loss in points:
-        if loss <= target:
-            return step, seconds
-    return math.inf, math.inf
-
-
 def autoencoder(
     seeds: int,
     steps: int,
@@ -131,7 +101,7 @@ def autoencoder(
     tick = CLOCKS[clock]
 
     def run(seed, optimizer, lr, kfac):
-        return autoencoder_run(seed, steps, every, digits, optimizer, lr, kfac, tick)
+        return fit(seed, steps, every, digits, optimizer, lr, kfac, tick).points
 
     if target is None:
         adam = [run(s, "adam", 1e-2, None) for s in range(seeds)]

@@ -23,7 +23,7 @@ import statistics
 import torch
 from sklearn.datasets import load_digits
 
-from benchmarks.curvature import autoencoder_run, first_below
+from benchmarks.autoencoder import first_below, fit
 from examples.mnist1d_kfac import train
 
 #: (factor_update_freq, inv_update_freq) pairs swept; the first is the library's default.
@@ -74,7 +74,7 @@ def autoencoder_runs(schedule, seeds: int, steps: int) -> list[Run]:
     )
     out = []
     for seed in range(seeds):
-        points = autoencoder_run(seed, steps, 25, digits, "sgd", 0.1, kfac)
+        points = fit(seed, steps, 25, digits, "sgd", 0.1, kfac).points
         hits = [first_below(points, t) for t in AUTOENCODER_TARGETS]
         out.append((hits, 1000 * points[-1][1] / points[-1][0]))
     return out
