@@ -4,7 +4,8 @@
     python -m benchmarks.peer --clock process    # CPU time of this process
     python -m benchmarks.peer --quick            # a smoke test
 
-kfac-pytorch (``pip install --no-deps kfac-pytorch``) is no dependency of this project;
+kfac-pytorch (not on PyPI: ``pip install --no-deps -e`` a checkout of
+https://github.com/gpauloski/kfac-pytorch) is no dependency of this project;
 without it the script says so and exits. Models: the MLP 256-512-512-10 (batch 256) and the
 deep narrow MLP 17x32 (batch 64) of ``benchmarks/overhead.py``, and the MNIST-1D baseline
 CNN (batch 100) with its Conv1d layers as Conv2d of height 1 (kfac-pytorch registers Linear
@@ -39,7 +40,10 @@ from benchmarks.loop import CLOCKS, add_clock_argument
 from benchmarks.overhead import deep_narrow_mlp, mlp, mnist1d_cnn
 from lightning_kfac import KFACCallback
 
-MISSING = "kfac-pytorch is not installed: pip install --no-deps kfac-pytorch"
+MISSING = (
+    "kfac-pytorch is not installed (it is not on PyPI): pip install --no-deps -e a checkout "
+    "of https://github.com/gpauloski/kfac-pytorch"
+)
 LR = 0.01
 #: The K-FAC hyperparameters both libraries run with (besides the frequencies).
 DAMPING, FACTOR_DECAY, KL_CLIP = 1e-2, 0.95, 1e-3
