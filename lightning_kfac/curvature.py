@@ -374,9 +374,9 @@ class KroneckerBlock(CurvatureBlock):
         groups, count, width = rows.shape
         if not examples or count % examples:
             raise ValueError(
-                f"K-FAC-reduce / factor_examples: {type(self.module).__name__} saw {count} rows "
-                f"for {examples} examples; its input must be (N, ..., features) or (T, N, "
-                "features)"
+                f"K-FAC-reduce / factor_examples / EKFAC: {type(self.module).__name__} saw "
+                f"{count} rows for {examples} examples, so its rows cannot be assigned to "
+                "examples; its input must be (N, ..., features) or (T, N, features)"
             )
         return rows.reshape(groups, examples, count // examples, width)
 

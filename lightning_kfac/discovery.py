@@ -276,7 +276,7 @@ def discover(
         if type(block) is LinearBlock:
             block = blocks[name] = _doubly_factored(model, name, block, structures) or block
         if isinstance(block, KroneckerBlock):
-            block.reduce = any(fnmatchcase(name, p) for p in reduce)
+            block.reduce = _matches(name, reduce)
             block.set_structure(
                 structures.structure(name, "A", block.a_dim),
                 structures.structure(name, "G", block.g_dim),
@@ -317,22 +317,35 @@ def discover(
     )
     chosen = {"inverse_method": inverse, "reduce": list(reduce), "factor_examples": factor_examples}
     defaults = {"inverse_method": "eigen", "reduce": [], "factor_examples": None}
+    applied = {"inverse_method": inverse, "reduce": True, "factor_examples": factor_examples}
     not_applied = [
         found
         for option, value in chosen.items()
-        if value != defaults[option] and (found := _not_applied(option, value, blocks)).layers
+        if value != defaults[option]
+        and (found := _not_applied(option, value, applied[option], blocks)).layers
     ]
     return Discovery(blocks, skipped, unmatched, lazy, layer_names, plain, not_applied)
 
 
-def _not_applied(option: str, value: object, blocks: Mapping[str, CurvatureBlock]) -> NotApplied:
+#: The block attribute each option sets where it applies.
+_OPTION_ATTRIBUTES = {
+    "inverse_method": "inverse",
+    "reduce": "reduce",
+    "factor_examples": "factor_examples",
+}
+
+
+def _not_applied(
+    option: str, value: object, applied: object, blocks: Mapping[str, CurvatureBlock]
+) -> NotApplied:
     """The blocks that ``option`` leaves as they are (for ``reduce``, of those its patterns
-    match), and why."""
+    match): those whose attribute did not become ``applied`` when they were registered, and
+    why."""
     found = NotApplied(option, value, [], [])
     for name, block in blocks.items():
         if option == "reduce" and not _matches(name, value):
             continue
-        if isinstance(block, KroneckerBlock) and (option != "inverse_method" or block.dense):
+        if getattr(block, _OPTION_ATTRIBUTES[option], None) == applied:
             continue
         found.layers.append(name)
         clauses = _OPTION_SCOPES[option][1]

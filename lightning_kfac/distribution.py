@@ -323,6 +323,10 @@ class DataParallelDistribution:
         options: the validated data-parallel options.
     """
 
+    #: The strategy option that asks for owner preconditioning, and the setting that keeps
+    #: every rank's decompositions instead (named in error messages).
+    OWNER_OPTION = ("kfac_precondition_mode='owner'", "kfac_precondition_mode='shared'")
+
     def __init__(
         self, collectives: Collectives | None = None, options: DataParallelOptions | None = None
     ) -> None:
@@ -368,8 +372,7 @@ class DataParallelDistribution:
             raise ValueError(
                 "K-FAC: blocks with live factors (EKFAC's second moments, e.g. "
                 f"{live[:3]}) capture in their eigenbasis on every rank, which "
-                "precondition_mode='owner' keeps on one rank only; use "
-                "kfac_precondition_mode='shared'"
+                f"{self.OWNER_OPTION[0]} keeps on one rank only; use {self.OWNER_OPTION[1]}"
             )
         self.blocks = dict(blocks)
         self.dtype = dtype

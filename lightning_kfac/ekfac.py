@@ -162,14 +162,11 @@ class EigenvalueCorrectedBlock(CurvatureBlock):
         statistics, count, context = inner.capture_input(x, examples)
         if self.basis is None:
             return statistics, count, (context, None)
-        if not examples or inner.input_rows(x).shape[1] % examples:
-            raise ValueError(
-                f"EKFAC: {type(self.module).__name__} saw {inner.input_rows(x).shape[1]} rows "
-                f"for {examples} examples, so its rows cannot be assigned to examples; its "
-                "input must be (N, ..., features) or (T, N, features)"
-            )
+        rows = inner.input_rows(inner.example_major(x, examples))
+        per_example = inner._per_example(rows, examples)  # checks rows against examples
         subset = inner._subset(examples)
-        per_example = inner._example_rows(inner.input_rows, x, examples, subset)
+        if subset is not None:  # the first n' examples, as the inner block takes
+            per_example = per_example[:, :subset]
         if self._calls is None or self._calls.closed:
             self._calls = _Calls()
         self._calls.made += 1

@@ -51,6 +51,9 @@ from lightning_kfac.distribution import (
     OwnerPreconditioning,
     Unit,
 )
+from lightning_kfac.ekfac import EigenvalueCorrectedBlock
+from lightning_kfac.embedding import EmbeddingBlock
+from lightning_kfac.normalization import ScaleShiftBlock
 from lightning_kfac.options import ShardedOptions
 from lightning_kfac.state import Decompositions, Factors
 
@@ -96,12 +99,8 @@ def _verified_layout(block: CurvatureBlock) -> bool:
     """Whether ``block`` reads and writes its gradient in a way checked with DTensor
     gradients: that of the Kronecker (Linear, Conv), embedding or scale-and-shift
     (normalisation) blocks, or EKFAC around a Kronecker block."""
-    from lightning_kfac.embedding import EmbeddingBlock
-    from lightning_kfac.normalization import ScaleShiftBlock
-
-    inner = getattr(block, "inner", None)
-    if isinstance(inner, CurvatureBlock) and type(block).__name__ == "EigenvalueCorrectedBlock":
-        return _verified_layout(inner)
+    if isinstance(block, EigenvalueCorrectedBlock):
+        return _verified_layout(block.inner)
     return any(
         isinstance(block, base)
         and type(block).gradient is base.gradient
@@ -181,6 +180,8 @@ class ShardedDistribution(DataParallelDistribution):
         options: the validated options.
     """
 
+    OWNER_OPTION = ("kfac_shard_preconditioning='owner'", "kfac_shard_preconditioning='gather'")
+
     def __init__(
         self, collectives: Collectives | None = None, options: ShardedOptions | None = None
     ) -> None:
@@ -206,15 +207,7 @@ class ShardedDistribution(DataParallelDistribution):
             for parameter in block.parameters():
                 check_parameter(name, parameter, self.world_size)
         check_gradient_layouts(blocks)
-        live = sorted(name for name, block in blocks.items() if block.live_keys())
-        if live and self.options.shard_preconditioning == "owner":
-            raise ValueError(
-                "K-FAC: blocks with live factors (EKFAC's second moments, e.g. "
-                f"{live[:3]}) capture in their eigenbasis on every rank, which "
-                "kfac_shard_preconditioning='owner' keeps on one rank only; use "
-                "kfac_shard_preconditioning='gather'"
-            )
-        super().setup(blocks, dtype)
+        super().setup(blocks, dtype)  # refuses live factors (EKFAC) in owner mode
         self.row_local = {}
         if self.options.shard_preconditioning == "block_diagonal":
             for name, block in self.blocks.items():
