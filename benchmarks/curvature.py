@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import time
 
 import torch
 from sklearn.datasets import load_digits
 
 from benchmarks.autoencoder import first_below, fit
+from benchmarks.baselines import fmt, median_or_inf
+from benchmarks.loop import CLOCKS, add_clock_argument
 from examples.mnist1d_kfac import train
 
 #: name -> K-FAC options beyond the defaults (the likelihood is set per model).
@@ -46,18 +47,6 @@ SCHEDULES = {
     "default": dict(),
     "rare": dict(factor_update_freq=10, inv_update_freq=100),
 }
-#: The clock the autoencoder's training seconds are read from (see ``--clock``).
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-
-
-def median(values: list[float]) -> float:
-    """The median, ``inf`` (never) when half the runs or more miss."""
-    ordered = sorted(values)
-    return statistics.median(ordered) if ordered else math.inf
-
-
-def fmt(value: float, digits: int = 1) -> str:
-    return "-" if math.isinf(value) else f"{value:.{digits}f}"
 
 
 def mnist1d(seeds: int, steps: int, eval_every: int, targets: tuple[float, ...]) -> None:
@@ -82,7 +71,8 @@ def mnist1d(seeds: int, steps: int, eval_every: int, targets: tuple[float, ...])
         cells = []
         for target in targets:
             hits = [h.first_reaching(target) or (math.inf, math.inf) for h in histories]
-            cells += [fmt(median([s for s, _ in hits]), 0), fmt(median([t for _, t in hits]))]
+            steps = median_or_inf([s for s, _ in hits])
+            cells += [fmt(steps, 0), fmt(median_or_inf([t for _, t in hits]))]
         final = statistics.median(h.history[-1][2] for h in histories)
         ms = statistics.median(1000 * h.train_seconds / h.history[-1][0] for h in histories)
         print(f"| {name} | {final:.3f} | {ms:.2f} | " + " | ".join(cells) + " |", flush=True)
@@ -121,7 +111,8 @@ def autoencoder(
     adam_hits = [first_below(p, t) for p, t in zip(adam, targets)]
     print(
         f"| Adam (the target) | - | 0.01 | {statistics.median(targets):.4f} | {adam_ms:.2f} | "
-        f"{fmt(median([s for s, _ in adam_hits]), 0)} | {fmt(median([t for _, t in adam_hits]))} |"
+        f"{fmt(median_or_inf([s for s, _ in adam_hits]), 0)} | "
+        f"{fmt(median_or_inf([t for _, t in adam_hits]))} |"
     )
     for name, options in VARIANTS.items():
         for schedule in schedules:
@@ -134,8 +125,8 @@ def autoencoder(
                 ms = statistics.median(1000 * p[-1][1] / p[-1][0] for p in runs)
                 print(
                     f"| {name} | {schedule} | {lr:g} | {final:.4f} | {ms:.2f} | "
-                    f"{fmt(median([s for s, _ in hits]), 0)} | "
-                    f"{fmt(median([t for _, t in hits]))} |",
+                    f"{fmt(median_or_inf([s for s, _ in hits]), 0)} | "
+                    f"{fmt(median_or_inf([t for _, t in hits]))} |",
                     flush=True,
                 )
 
@@ -150,7 +141,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["mnist1d", "autoencoder"])
     parser.add_argument("--adam-target", type=float, default=None, help="skip the Adam runs")
     parser.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall")
+    add_clock_argument(parser)  # the autoencoder's seconds
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
     args = parser.parse_args()
     if args.quick:

@@ -24,6 +24,7 @@ import torch
 from sklearn.datasets import load_digits
 
 from benchmarks.autoencoder import first_below, fit
+from benchmarks.baselines import fmt
 from examples.mnist1d_kfac import train
 
 #: (factor_update_freq, inv_update_freq) pairs swept; the first is the library's default.
@@ -32,14 +33,6 @@ MNIST_TARGETS = (0.90, 0.94)
 AUTOENCODER_TARGETS = (0.26, 0.25)
 #: One run: ``(steps, seconds)`` to each target (infinite if never), and its ms per step.
 Run = tuple[list[tuple[float, float]], float]
-
-
-def fmt(value: float, digits: int = 0) -> str:
-    return "-" if math.isinf(value) else f"{value:.{digits}f}"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def mnist_runs(schedule, seeds: int, steps: int, channels: int) -> list[Run]:
@@ -88,9 +81,9 @@ def table(title: str, targets: list[str], rows: dict[tuple[int, int], list[Run]]
     for (factor, inverse), runs in rows.items():
         cells = []
         for index in range(len(targets)):
-            cells.append(fmt(median([hits[index][0] for hits, _ in runs])))
-            cells.append(fmt(median([hits[index][1] for hits, _ in runs]), 1))
-        ms = median([ms for _, ms in runs])
+            cells.append(fmt(statistics.median([hits[index][0] for hits, _ in runs]), 0))
+            cells.append(fmt(statistics.median([hits[index][1] for hits, _ in runs]), 1))
+        ms = statistics.median([ms for _, ms in runs])
         print(f"| {factor}, {inverse} | {ms:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
