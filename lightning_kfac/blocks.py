@@ -7,6 +7,7 @@ its output gradient rows ``g``; the math is the Kronecker block's.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +30,9 @@ class LinearBlock(KroneckerBlock):
         if x.dim() >= 3 and x.shape[0] != examples and x.shape[1] == examples:
             return x.transpose(0, 1)
         return x
+
+    def stacked_geometry(self, x: Tensor) -> Hashable | None:
+        return ()
 
     def input_rows(self, x: Tensor) -> Tensor:
         return x.reshape(1, -1, self.in_features)
@@ -57,6 +61,11 @@ class ConvBlock(KroneckerBlock):
         self.out_features = module.out_channels // module.groups
         self.pad = _reversed_padding(module.padding, self.kernel_size, self.dilation)
         self.pad_mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+
+    def stacked_geometry(self, x: Tensor) -> Hashable | None:
+        if x.dim() != len(self.kernel_size) + 2:  # unbatched: stacked inputs would not unfold
+            return None
+        return (self.kernel_size, self.stride, self.dilation, self.pad, self.pad_mode)
 
     def input_rows(self, x: Tensor) -> Tensor:
         spatial = len(self.kernel_size)

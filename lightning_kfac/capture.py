@@ -25,7 +25,8 @@ from __future__ import annotations
 import contextlib
 import time
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.curvature import CurvatureBlock
+from lightning_kfac.tiles import tile_runs, tiles
 
 #: What the loss was multiplied by before backward: a number or a one-element tensor (a
 #: GradScaler's scale, read by the hooks without a host sync).
@@ -136,6 +138,24 @@ class _Sums:
     examples: int = 0
     #: committed: the rows behind each input statistic (the observations that made it)
     input_rows: dict[str, int] = field(default_factory=dict)
+    #: a pending call whose statistics are computed after the backward pass, batched
+    batched: _Batched | None = None
+    #: whether ``outputs`` already carry the committing weight N K (batched calls)
+    weighted: bool = False
+
+    def reached(self) -> bool:
+        """Whether a backward pass has reached this pending call."""
+        return bool(self.outputs) or (self.batched is not None and self.batched.grad is not None)
+
+
+@dataclass
+class _Batched:
+    """A call waiting for its statistics: its block, batch key, input and output gradient."""
+
+    block: CurvatureBlock
+    key: Hashable
+    x: Tensor
+    grad: Tensor | None = None
 
 
 def _add(total: dict[str, Tensor], part: Mapping[str, Tensor], weight: float = 1.0) -> None:
@@ -200,6 +220,9 @@ class FactorCapture:
         self._awaiting: list[tuple[_Sums, CurvatureBlock, Any, Any]] = []
         #: The output of the last registered layer the forward pass ran, and its block.
         self.last_output: tuple[Tensor, CurvatureBlock] | None = None
+        #: Statistics batch keys that had one call in a pass: their calls are computed in the
+        #: hooks, which is cheaper for one call than keeping it for ``_batched_statistics``.
+        self._lone_keys: set[Hashable] = set()
         #: Host seconds spent inside the hooks since the last ``pop`` (on a GPU this is the
         #: time to launch the kernels, not to run them).
         self.seconds = 0.0
@@ -288,6 +311,9 @@ class FactorCapture:
         for (call, block, context, _), grad in zip(waiting, grads):
             if grad is None:
                 continue  # not reached by the model output: left pending, as in a backward
+            if call.batched is not None:
+                call.batched.grad = grad
+                continue
             with _full_precision(grad.device.type):
                 statistics = block.capture_output(grad.to(self.dtype) / self._loss_scale, context)
                 _add(call.outputs, statistics)
@@ -298,17 +324,21 @@ class FactorCapture:
         """After a backward pass: commit the pending statistics of every block it reached
         with this pass's N and K; drop those of blocks it did not reach."""
         self._awaiting, self.last_output = [], None
-        reached = {n: [c for c in calls if c.outputs] for n, calls in self._pending.items()}
+        reached = {n: [c for c in calls if c.reached()] for n, calls in self._pending.items()}
         reached = {n: calls for n, calls in reached.items() if calls}
         if not reached:
             return
         examples = self._examples
         k = self._terms(examples)
         self._outputs, self._last_name = {}, None
+        weight = float((examples or 0) * k)
+        batched = [c for calls in reached.values() for c in calls if c.batched is not None]
+        if batched and examples:
+            self._batched_statistics(batched, weight)
         for name, calls in reached.items():
             # calls this pass did not reach stay pending: a later backward of the step may
             # (one generator forward feeding a discriminator's and a generator's loss)
-            self._pending[name] = [c for c in self._pending[name] if not c.outputs]
+            self._pending[name] = [c for c in self._pending[name] if not c.reached()]
             if not examples:
                 continue
             committed = self._committed[name]
@@ -316,23 +346,73 @@ class FactorCapture:
                 _add(committed.inputs, call.inputs)
                 for key in call.inputs:
                     committed.input_rows[key] = committed.input_rows.get(key, 0) + call.rows
-                _add(committed.outputs, call.outputs, weight=float(examples * k))
+                _add(committed.outputs, call.outputs, 1.0 if call.weighted else weight)
             committed.examples += examples
+
+    def _batched_statistics(self, calls: list[_Sums], weight: float | None) -> None:
+        """The statistics of reached batchable calls, by one ``batched_statistics`` per
+        batch key. Their output statistics are weighted by ``weight`` (N K) as committing
+        weights those of the hooks; with None they are left unweighted, and the calls
+        are committed as the hooks' are."""
+        start = time.perf_counter()
+        by_key: dict[Hashable, list[_Sums]] = defaultdict(list)
+        for call in calls:
+            by_key[call.batched.key].append(call)
+        for key, group in by_key.items():
+            if weight is not None and len(group) == 1:
+                # nothing to batch with: later calls of this key are computed in the hooks
+                self._lone_keys.add(key)
+            blocks = [call.batched.block for call in group]
+            with _full_precision(group[0].batched.x.device.type):
+                inputs = _stack([call.batched.x for call in group]).to(self.dtype)
+                grads = _stack([call.batched.grad for call in group])
+                grads = grads.to(self.dtype) / self._loss_scale  # undone before the products
+                results = type(blocks[0]).batched_statistics(blocks, inputs, grads)
+                if weight is not None:  # in place, on the products the views are slices of
+                    outputs = tiles([t for *_, out in results for t in out.values()])
+                    torch._foreach_mul_(outputs, weight)
+            for call, (statistics, rows, outputs) in zip(group, results):
+                call.inputs, call.rows, call.outputs = statistics, rows, outputs
+                call.weighted = weight is not None
+                call.batched = None
+        self.seconds += time.perf_counter() - start
 
     def pop(self, names: Iterable[str] | None = None) -> dict[str, CapturedFactors]:
         """The committed factor batch of ``names`` (default: every block) that saw both
         passes; resets them."""
         self.end_backward()
-        result = {}
+        complete: dict[str, _Sums] = {}
         for name in self.blocks if names is None else names:
             sums, self._committed[name] = self._committed[name], _Sums()
             keys = self.blocks[name].factor_shapes()
             if sums.examples and set(sums.inputs) | set(sums.outputs) >= set(keys):
-                factors = {k: v / sums.input_rows[k] for k, v in sums.inputs.items()}
-                factors |= {key: value / sums.examples for key, value in sums.outputs.items()}
-                result[name] = CapturedFactors(factors, sums.examples)
+                complete[name] = sums
+        # every input statistic, then every output one: the slices of one batched product
+        # are then consecutive, and each product is scaled by one op
+        values: list[Tensor] = []
+        scales: list[float] = []  # inputs average over rows, outputs over examples
+        for sums in complete.values():
+            values += sums.inputs.values()
+            scales += [1.0 / sums.input_rows[key] for key in sums.inputs]
+        for sums in complete.values():
+            values += sums.outputs.values()
+            scales += [1.0 / sums.examples] * len(sums.outputs)
+        runs = tile_runs(values)
+        starts = _starts(runs)
+        scaled = (
+            torch._foreach_mul([t for t, _ in runs], [scales[i] for i in starts]) if runs else []
+        )
+        averages: list[Tensor] = []
+        for (_, count), start, tile in zip(runs, starts, scaled):
+            averages += tile.view(count, *values[start].shape).unbind(0) if count > 1 else [tile]
+        found = iter(averages)
+        inputs = {n: {key: next(found) for key in sums.inputs} for n, sums in complete.items()}
+        outputs = {n: {key: next(found) for key in sums.outputs} for n, sums in complete.items()}
         self.seconds = 0.0
-        return result
+        return {
+            name: CapturedFactors(inputs[name] | outputs[name], sums.examples)
+            for name, sums in complete.items()
+        }
 
     def discard(self) -> None:
         """Drop everything pending and committed."""
@@ -361,7 +441,7 @@ class FactorCapture:
                 return
             x = args[0] if args else next(iter(kwargs.values()))
             examples = x.shape[0] if x.dim() > 1 else 1
-            self._record(name, block, x, output, block.capture_input, True, examples)
+            self._record(name, block, x, output, block.capture_input, True, examples, True)
 
         return hook
 
@@ -374,9 +454,12 @@ class FactorCapture:
         capture_input: Callable[[Tensor, int], tuple[dict[str, Tensor], int, Any]],
         layer_output: bool,
         examples: int,
+        batchable: bool = False,
     ) -> None:
         """One call (or observation): its input statistics now, pending; a tensor hook on
-        ``output`` for the output statistics."""
+        ``output`` for the output statistics. A ``batchable`` call of a block that gives it
+        a statistics batch key keeps its input and output gradient instead, for
+        ``_batched_statistics``."""
         start = time.perf_counter()
         if self._examples is None:
             self._examples = examples
@@ -388,11 +471,16 @@ class FactorCapture:
             )
             self._last_name = name
             self.last_output = (output, block)
-        with _full_precision(x.device.type):
-            statistics, rows, context = capture_input(x.detach().to(self.dtype), self._examples)
-            call = _Sums(rows=rows)
-            _add(call.inputs, statistics)
+        key = block.statistics_batch_key(x, output, self._examples) if batchable else None
+        if key is not None and key not in self._lone_keys:
+            call, context = _Sums(batched=_Batched(block, key, x)), None
             self._pending[name].append(call)
+        else:
+            with _full_precision(x.device.type):
+                statistics, rows, context = capture_input(x.detach().to(self.dtype), self._examples)
+                call = _Sums(rows=rows)
+                _add(call.inputs, statistics)
+                self._pending[name].append(call)
         if self.sampled:
             edge = torch.autograd.graph.get_gradient_edge(output)
             self._awaiting.append((call, block, context, edge))
@@ -402,6 +490,13 @@ class FactorCapture:
 
     def _gradient_hook(self, call: _Sums, block: CurvatureBlock, context: Any):
         def hook(grad: Tensor) -> None:
+            if call.batched is not None:
+                if call.batched.grad is None:
+                    call.batched.grad = grad
+                    return
+                # a second gradient of one call (a backward over a retained graph): the
+                # first one's statistics now, then this one's as the hooks take them
+                self._batched_statistics([call], None)
             start = time.perf_counter()
             with _full_precision(grad.device.type):
                 statistics = block.capture_output(grad.to(self.dtype) / self._loss_scale, context)
@@ -409,6 +504,20 @@ class FactorCapture:
             self.seconds += time.perf_counter() - start
 
         return hook
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``, a view for one tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _starts(runs: list[tuple[Tensor, int]]) -> list[int]:
+    """The index of the first tensor each of ``tile_runs``'s results stands for."""
+    starts, position = [], 0
+    for _, count in runs:
+        starts.append(position)
+        position += count
+    return starts
 
 
 def _positions(block: CurvatureBlock, output: Tensor) -> int:

@@ -34,6 +34,7 @@ from lightning_kfac.preconditioning import (
     precondition,
 )
 from lightning_kfac.structure import FactorStructure
+from lightning_kfac.tiles import stacked
 
 #: ``{factor key: decomposition}`` of one block (a key is absent until it first succeeds).
 BlockDecompositions = Mapping[str, Decomposition]
@@ -121,6 +122,17 @@ class CurvatureBlock(ABC):
     def set_gradient(self, gradient: Tensor) -> None:
         """Write a preconditioned gradient back into the parameters' ``.grad``."""
 
+    @classmethod
+    def gradients(cls, blocks: Sequence[CurvatureBlock]) -> list[Tensor | None]:
+        """``gradient()`` of blocks of one batch key (default: one at a time)."""
+        return [block.gradient() for block in blocks]
+
+    @classmethod
+    def set_gradients(cls, blocks: Sequence[CurvatureBlock], gradients: Sequence[Tensor]) -> None:
+        """``set_gradient`` of blocks of one batch key (default: one at a time)."""
+        for block, gradient in zip(blocks, gradients):
+            block.set_gradient(gradient)
+
     @abstractmethod
     def precondition(
         self, gradient: Tensor, decompositions: BlockDecompositions, damping: float, method: str
@@ -132,6 +144,34 @@ class CurvatureBlock(ABC):
             damping: lambda.
             method: the ``damping_method`` option (``"exact"`` or ``"factored"``).
         """
+
+    def statistics_batch_key(self, x: Tensor, output: Tensor, examples: int) -> Hashable | None:
+        """Calls with equal keys (of blocks of one class) may have their statistics computed
+        together, by ``batched_statistics``, once the backward pass has reached them, instead
+        of by ``capture_input`` and ``capture_output`` in the hooks. None (the default): in
+        the hooks.
+
+        Args:
+            x: the call's input (not detached).
+            output: its output.
+            examples: N of the pass.
+        """
+        return None
+
+    @classmethod
+    def batched_statistics(
+        cls, blocks: Sequence[CurvatureBlock], inputs: Tensor, grads: Tensor
+    ) -> list[tuple[dict[str, Tensor], int, dict[str, Tensor]]]:
+        """``capture_input`` and ``capture_output`` of L calls of one statistics batch key at
+        once: one ``(input statistics, rows, output statistics)`` per call.
+
+        Args:
+            blocks: the block of each call (a block appears once per call).
+            inputs: the calls' inputs, stacked: ``(L, *x.shape)`` (detached, factor dtype).
+            grads: their output gradients, stacked: ``(L, *output.shape)`` (loss scale
+                undone, factor dtype).
+        """
+        raise NotImplementedError(f"{cls.__name__} does not batch its statistics")
 
     @property
     def kind(self) -> str:
@@ -318,6 +358,54 @@ class KroneckerBlock(CurvatureBlock):
         K-FAC-reduce needs (default: already first)."""
         return x
 
+    #: Calls with more row elements than this compute their statistics in the hooks: beside
+    #: their arithmetic the host cost that batching saves is small, and their output
+    #: gradients are then not held until the backward pass ends.
+    batched_elements: int = 1 << 18
+
+    def stacked_geometry(self, x: Tensor) -> Hashable | None:
+        """What besides the widths fixes how this layer's input becomes rows, when
+        ``input_rows`` of inputs stacked along their leading dimension gives the rows of each
+        in turn; None (the default, right for any subclass): calls are not batched."""
+        return None
+
+    def statistics_batch_key(self, x: Tensor, output: Tensor, examples: int) -> Hashable | None:
+        """Dense sides, expand, every example, and a layer whose inputs stack
+        (``stacked_geometry``): calls of one class, widths, geometry and shapes batch."""
+        if not self.dense or self.reduce or self._subset(examples) is not None:
+            return None
+        geometry = self.stacked_geometry(x)
+        rows = output.numel() // max(self.out_features, 1) * self.in_features
+        if geometry is None or rows > self.batched_elements:
+            return None
+        return (
+            type(self),
+            self.groups,
+            self.in_features,
+            self.out_features,
+            self.has_bias,
+            geometry,
+            tuple(x.shape),
+            tuple(output.shape),
+            x.dtype,
+            output.dtype,
+            x.device,
+        )
+
+    @classmethod
+    def batched_statistics(
+        cls, blocks: Sequence[CurvatureBlock], inputs: Tensor, grads: Tensor
+    ) -> list[tuple[dict[str, Tensor], int, dict[str, Tensor]]]:
+        """One Gram product per factor for all L calls: the rows of the stacked inputs (and
+        output gradients) are those of each call in turn."""
+        first, calls = blocks[0], len(blocks)
+        a = _per_call(first.input_rows(inputs.flatten(0, 1)), calls)
+        g = _per_call(first.output_rows(grads.flatten(0, 1)), calls)
+        a_statistics = gram(a, first.has_bias).unflatten(0, (calls, first.groups)).unbind(0)
+        g_statistics = (g.mT @ g).unflatten(0, (calls, first.groups)).unbind(0)
+        rows = a.shape[1]
+        return [({"A": a}, rows, {"G": g}) for a, g in zip(a_statistics, g_statistics)]
+
     def _subset(self, examples: int) -> int | None:
         """How many of the pass's examples feed the factors, if not all."""
         if self.factor_examples is None or not examples or examples <= self.factor_examples:
@@ -430,6 +518,37 @@ class KroneckerBlock(CurvatureBlock):
         if self.has_bias and self.module.bias.grad is not None:
             self.module.bias.grad.copy_(gradient[..., self.in_features].reshape(-1))
 
+    @classmethod
+    def gradients(cls, blocks: Sequence[CurvatureBlock]) -> list[Tensor | None]:
+        """Dense blocks of one shape: their weight (and bias) gradients stacked at once."""
+        first = blocks[0]
+        grads = [b.module.weight.grad for b in blocks]
+        grads += [b.module.bias.grad for b in blocks] if first.has_bias else []
+        if not _plain_layout(blocks, grads):
+            return super().gradients(blocks)
+        count, groups = len(blocks), first.groups
+        shape = (count * groups, first.out_features, first.in_features)
+        matrix = torch.stack(grads[:count]).reshape(shape)
+        if first.has_bias:
+            column = torch.stack(grads[count:]).reshape(*shape[:2], 1)
+            matrix = torch.cat([matrix, column], dim=-1)
+        return list(matrix.split(groups))
+
+    @classmethod
+    def set_gradients(cls, blocks: Sequence[CurvatureBlock], gradients: Sequence[Tensor]) -> None:
+        """Two multi-tensor copies from the stacked gradients."""
+        first = blocks[0]
+        grads = [b.module.weight.grad for b in blocks]
+        biases = [b.module.bias.grad for b in blocks] if first.has_bias else []
+        if not _plain_layout(blocks, grads + biases):
+            return super().set_gradients(blocks, gradients)
+        count, width = len(blocks), first.in_features
+        matrix = stacked(gradients)  # (count * groups, out_features, a_dim)
+        weights = matrix[..., :width].reshape(count, *grads[0].shape).unbind(0)
+        torch._foreach_copy_(grads, weights)
+        if biases:
+            torch._foreach_copy_(biases, matrix[..., width].reshape(count, -1).unbind(0))
+
     def precondition(
         self, gradient: Tensor, decompositions: BlockDecompositions, damping: float, method: str
     ) -> Tensor:
@@ -472,8 +591,8 @@ class KroneckerBlock(CurvatureBlock):
             return super().operator(blocks, decompositions, damping, method)
         eigen_a, eigen_g = (
             Eigen(
-                vectors=_stacked([d[key].vectors for d in decompositions]),
-                values=_stacked([d[key].values for d in decompositions]),
+                vectors=stacked([d[key].vectors for d in decompositions]),
+                values=stacked([d[key].values for d in decompositions]),
             )
             for key in "AG"
         )
@@ -484,16 +603,29 @@ class KroneckerBlock(CurvatureBlock):
 
         def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
             dtype = gradients[0].dtype
-            work = _stacked(gradients).to(q_a.dtype)
+            work = stacked(gradients).to(q_a.dtype)
             out = (q_g @ ((q_g_t @ work @ q_a) * scale) @ q_a_t).to(dtype)
             return [out] if len(counts) == 1 else list(out.split(counts))
 
         return apply
 
 
-def _stacked(tensors: Sequence[Tensor]) -> Tensor:
-    """``tensors`` concatenated along the groups dimension (one tensor: itself, no copy)."""
-    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+def _plain_layout(blocks: Sequence[CurvatureBlock], grads: Sequence[Tensor | None]) -> bool:
+    """Whether the gradients of ``blocks`` can be read and written as one stack: several
+    blocks that keep ``KroneckerBlock``'s own gradient layout, every gradient a plain tensor
+    (not None, not a sharded DTensor)."""
+    cls = type(blocks[0])
+    return (
+        len(blocks) > 1
+        and cls.gradient is KroneckerBlock.gradient
+        and cls.set_gradient is KroneckerBlock.set_gradient
+        and all(type(grad) is Tensor for grad in grads)
+    )
+
+
+def _per_call(rows: Tensor, calls: int) -> Tensor:
+    """``(groups, L * M, d)`` rows of L stacked calls as ``(L * groups, M, d)``."""
+    return rows.unflatten(1, (calls, -1)).transpose(0, 1).flatten(0, 1)
 
 
 def _cholesky_operator(
@@ -507,15 +639,15 @@ def _cholesky_operator(
     if method != "factored":
         raise ValueError('the Cholesky inverse needs damping_method="factored"')
     a_inv, g_inv = damped_inverse_pair(
-        _stacked([d["A"].matrix for d in decompositions]),
-        _stacked([d["G"].matrix for d in decompositions]),
+        stacked([d["A"].matrix for d in decompositions]),
+        stacked([d["G"].matrix for d in decompositions]),
         damping,
     )
     counts = [block.groups for block in blocks]
 
     def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
         dtype = gradients[0].dtype
-        out = (g_inv @ _stacked(gradients).to(a_inv.dtype) @ a_inv).to(dtype)
+        out = (g_inv @ stacked(gradients).to(a_inv.dtype) @ a_inv).to(dtype)
         return [out] if len(counts) == 1 else list(out.split(counts))
 
     return apply

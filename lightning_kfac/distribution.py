@@ -12,6 +12,7 @@ assumes a rank holds whole parameters: gradients are whatever the blocks read on
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from lightning_kfac.curvature import CurvatureBlock
 from lightning_kfac.decomposition import Decomposition
 from lightning_kfac.options import DataParallelOptions
 from lightning_kfac.state import Decompositions, Factors
+from lightning_kfac.tiles import tiles
 
 #: A factor: ``(block name, factor key)``.
 Unit = tuple[str, str]
@@ -38,7 +40,11 @@ Inner = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], "Tensor | None"]
 
 def all_finite(batch: Mapping[str, CapturedFactors]) -> bool:
     """Whether every factor in ``batch`` is finite, with one host synchronisation."""
-    sums = [t.sum() for captured in batch.values() for t in captured.factors.values()]
+    by_key: dict[str, list[Tensor]] = defaultdict(list)  # a batched product's slices in turn
+    for captured in batch.values():
+        for key, factor in captured.factors.items():
+            by_key[key].append(factor)
+    sums = [t.sum() for t in tiles([t for same in by_key.values() for t in same])]
     return not sums or bool(torch.isfinite(torch.stack(sums).sum()))
 
 

@@ -36,6 +36,7 @@ from lightning_kfac.state import (
     PendingDecomposition,
     upgrade,
 )
+from lightning_kfac.tiles import tiles
 
 
 @dataclass
@@ -124,6 +125,12 @@ class KFACEngine:
         self._is_set_up = False
         #: ``{name: live keys}`` of the blocks that have any (see ``CurvatureBlock.live_keys``).
         self._live = {n: tuple(b.live_keys()) for n, b in self.blocks.items() if b.live_keys()}
+        #: ``{name: (keys decomposed, live keys)}``: what preconditioning a block needs.
+        self._needed = {
+            n: (set(b.factor_shapes()) - set(self._live.get(n, ())), set(self._live.get(n, ())))
+            for n, b in self.blocks.items()
+        }
+        self._batch_keys = {n: b.batch_key() for n, b in self.blocks.items()}
 
     @property
     def pending(self) -> PendingDecomposition | None:
@@ -393,15 +400,15 @@ class KFACEngine:
     def _precondition(
         self, learning_rates: Mapping[str, float], damping: float, step: int
     ) -> Tensor | None:
+        # Blocks never decomposed (the same set on every rank) keep their plain gradient and
+        # stay out of the KL-clip sum.
+        batches = self._batches(n for n in learning_rates if self.state[n].decomposed)
         grads = {}
-        for name in learning_rates:
-            # Blocks never decomposed (the same set on every rank) keep their plain
-            # gradient and stay out of the KL-clip sum.
-            if not self.state[name].decomposed:
-                continue
-            grad = self.blocks[name].gradient()
-            if grad is not None:
-                grads[name] = grad
+        for names in batches:
+            blocks = [self.blocks[n] for n in names]
+            for name, grad in zip(names, type(blocks[0]).gradients(blocks)):
+                if grad is not None:
+                    grads[name] = grad
         if not grads:
             return None
         preconditioned = self.distribution.precondition(
@@ -416,11 +423,19 @@ class KFACEngine:
                 lambda new, old: self._weighted_inner(new, old, learning_rates),
             )
             scale = kl_clip_scale(total, kl_clip)
-            values = list(preconditioned.values())
+            values = tiles(list(preconditioned.values()))
             torch._foreach_mul_(values, scale.to(values[0].dtype))
-        for name, new in preconditioned.items():
-            self.blocks[name].set_gradient(new)
+        for names in self._batches(preconditioned):
+            blocks = [self.blocks[n] for n in names]
+            type(blocks[0]).set_gradients(blocks, [preconditioned[n] for n in names])
         return scale
+
+    def _batches(self, names: Iterable[str]) -> list[list[str]]:
+        """``names`` grouped by the blocks' batch keys."""
+        batches: dict[Hashable, list[str]] = defaultdict(list)
+        for name in names:
+            batches[self._batch_keys[name]].append(name)
+        return list(batches.values())
 
     def _apply(self, grads: Mapping[str, Tensor], damping: float) -> dict[str, Tensor]:
         """Precondition ``grads``: blocks of one batch key through one cached operator; a
@@ -428,11 +443,9 @@ class KFACEngine:
         batches: dict[Hashable, list[str]] = defaultdict(list)
         out: dict[str, Tensor] = {}
         for name in grads:
-            block, state = self.blocks[name], self.state[name]
-            live = self._live.get(name, ())
-            needed = set(block.factor_shapes()) - set(live)
-            if set(state.decompositions) >= needed and set(state.running) >= set(live):
-                batches[block.batch_key()].append(name)
+            state, (needed, live) = self.state[name], self._needed[name]
+            if needed <= state.decompositions.keys() and live <= state.running.keys():
+                batches[self._batch_keys[name]].append(name)
             else:
                 out[name] = grads[name]
         for key, names in batches.items():
@@ -468,9 +481,9 @@ class KFACEngine:
             by_rate[learning_rates[name]].append(name)
         total = None
         for rate, names in by_rate.items():
-            new = torch.cat([preconditioned[n].reshape(-1) for n in names])
-            old = torch.cat([grads[n].reshape(-1).to(new.dtype) for n in names])
-            term = torch.dot(new, old) * rate**2
+            new = torch.cat([t.reshape(-1) for t in tiles([preconditioned[n] for n in names])])
+            old = torch.cat([t.reshape(-1) for t in tiles([grads[n] for n in names])])
+            term = torch.dot(new, old.to(new.dtype)) * rate**2
             total = term if total is None else total + term
         return total
 
