@@ -152,6 +152,7 @@ class _Sums:
 class _Batched:
     """A call waiting for its statistics: its block, batch key, input and output gradient."""
 
+    name: str
     block: CurvatureBlock
     key: Hashable
     x: Tensor
@@ -220,9 +221,9 @@ class FactorCapture:
         self._awaiting: list[tuple[_Sums, CurvatureBlock, Any, Any]] = []
         #: The output of the last registered layer the forward pass ran, and its block.
         self.last_output: tuple[Tensor, CurvatureBlock] | None = None
-        #: Statistics batch keys that had one call in a pass: their calls are computed in the
-        #: hooks, which is cheaper for one call than keeping it for ``_batched_statistics``.
-        self._lone_keys: set[Hashable] = set()
+        #: Blocks whose call had no other of its statistics batch key in a pass: their calls
+        #: are computed in the hooks, cheaper for one call than ``_batched_statistics``.
+        self._lone: set[str] = set()
         #: Host seconds spent inside the hooks since the last ``pop`` (on a GPU this is the
         #: time to launch the kernels, not to run them).
         self.seconds = 0.0
@@ -358,10 +359,10 @@ class FactorCapture:
         by_key: dict[Hashable, list[_Sums]] = defaultdict(list)
         for call in calls:
             by_key[call.batched.key].append(call)
-        for key, group in by_key.items():
+        for group in by_key.values():
             if weight is not None and len(group) == 1:
-                # nothing to batch with: later calls of this key are computed in the hooks
-                self._lone_keys.add(key)
+                # nothing to batch with: this block's later calls are computed in the hooks
+                self._lone.add(group[0].batched.name)
             blocks = [call.batched.block for call in group]
             with _full_precision(group[0].batched.x.device.type):
                 inputs = _stack([call.batched.x for call in group]).to(self.dtype)
@@ -471,9 +472,10 @@ class FactorCapture:
             )
             self._last_name = name
             self.last_output = (output, block)
+        batchable = batchable and name not in self._lone
         key = block.statistics_batch_key(x, output, self._examples) if batchable else None
-        if key is not None and key not in self._lone_keys:
-            call, context = _Sums(batched=_Batched(block, key, x)), None
+        if key is not None:
+            call, context = _Sums(batched=_Batched(name, block, key, x)), None
             self._pending[name].append(call)
         else:
             with _full_precision(x.device.type):

@@ -521,6 +521,8 @@ class KroneckerBlock(CurvatureBlock):
     @classmethod
     def gradients(cls, blocks: Sequence[CurvatureBlock]) -> list[Tensor | None]:
         """Dense blocks of one shape: their weight (and bias) gradients stacked at once."""
+        if len(blocks) == 1:
+            return super().gradients(blocks)
         first = blocks[0]
         grads = [b.module.weight.grad for b in blocks]
         grads += [b.module.bias.grad for b in blocks] if first.has_bias else []
@@ -537,6 +539,8 @@ class KroneckerBlock(CurvatureBlock):
     @classmethod
     def set_gradients(cls, blocks: Sequence[CurvatureBlock], gradients: Sequence[Tensor]) -> None:
         """Two multi-tensor copies from the stacked gradients."""
+        if len(blocks) == 1:
+            return super().set_gradients(blocks, gradients)
         first = blocks[0]
         grads = [b.module.weight.grad for b in blocks]
         biases = [b.module.bias.grad for b in blocks] if first.has_bias else []
@@ -611,13 +615,12 @@ class KroneckerBlock(CurvatureBlock):
 
 
 def _plain_layout(blocks: Sequence[CurvatureBlock], grads: Sequence[Tensor | None]) -> bool:
-    """Whether the gradients of ``blocks`` can be read and written as one stack: several
-    blocks that keep ``KroneckerBlock``'s own gradient layout, every gradient a plain tensor
-    (not None, not a sharded DTensor)."""
+    """Whether the gradients of ``blocks`` can be read and written as one stack: blocks that
+    keep ``KroneckerBlock``'s own gradient layout, every gradient a plain tensor (not None,
+    not a sharded DTensor)."""
     cls = type(blocks[0])
     return (
-        len(blocks) > 1
-        and cls.gradient is KroneckerBlock.gradient
+        cls.gradient is KroneckerBlock.gradient
         and cls.set_gradient is KroneckerBlock.set_gradient
         and all(type(grad) is Tensor for grad in grads)
     )
