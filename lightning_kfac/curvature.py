@@ -36,6 +36,9 @@ from lightning_kfac.preconditioning import (
 from lightning_kfac.structure import FactorStructure
 from lightning_kfac.tiles import stacked
 
+#: Kronecker blocks of one shape read and write their gradients as one stack from this many
+#: on (for two, stacking costs about the host time it saves).
+STACKED_GRADIENTS = 3
 #: ``{factor key: decomposition}`` of one block (a key is absent until it first succeeds).
 BlockDecompositions = Mapping[str, Decomposition]
 #: Preconditions the gradients of a batch of blocks (same ``batch_key``), in block order.
@@ -521,7 +524,7 @@ class KroneckerBlock(CurvatureBlock):
     @classmethod
     def gradients(cls, blocks: Sequence[CurvatureBlock]) -> list[Tensor | None]:
         """Dense blocks of one shape: their weight (and bias) gradients stacked at once."""
-        if len(blocks) == 1:
+        if len(blocks) < STACKED_GRADIENTS:
             return super().gradients(blocks)
         first = blocks[0]
         grads = [b.module.weight.grad for b in blocks]
@@ -539,7 +542,7 @@ class KroneckerBlock(CurvatureBlock):
     @classmethod
     def set_gradients(cls, blocks: Sequence[CurvatureBlock], gradients: Sequence[Tensor]) -> None:
         """Two multi-tensor copies from the stacked gradients."""
-        if len(blocks) == 1:
+        if len(blocks) < STACKED_GRADIENTS:
             return super().set_gradients(blocks, gradients)
         first = blocks[0]
         grads = [b.module.weight.grad for b in blocks]
