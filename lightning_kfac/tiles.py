@@ -16,9 +16,10 @@ from torch import Tensor
 
 
 def tile_runs(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
-    """``tensors`` with every run of consecutive, contiguous slices along the leading
-    dimension that together make up a whole contiguous tensor replaced by that tensor: a
-    list of ``(tensor, how many of tensors it stands for)``.
+    """``tensors`` with every run of consecutive, contiguous slices of one shape that
+    together make up a whole contiguous tensor replaced by that tensor: a list of
+    ``(tensor, how many of tensors it stands for)``. A run of ``count`` slices of shape ``s``
+    is its tensor viewed as ``(count, *s)`` and unbound.
 
     Flattening and concatenating the results gives the same elements, in the same order, as
     flattening and concatenating ``tensors``.
@@ -45,6 +46,7 @@ def tile_runs(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
             continue
         if run and not (
             base is run[0]._base
+            and tensor.shape == run[0].shape
             and tensor.is_contiguous()
             and tensor.storage_offset() == run[-1].storage_offset() + run[-1].numel()
         ):

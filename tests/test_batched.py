@@ -266,6 +266,9 @@ def test_tile_runs_collapse_whole_runs_only():
     assert torch.equal(flat, torch.cat([t.reshape(-1) for t in mixed]))
     transposed = list(base.transpose(1, 2).unbind(0))  # not contiguous: kept apart
     assert len(tiles(transposed)) == 4
+    buffer = torch.randn(36 + 36)  # slices of other shapes (a communication buffer)
+    shaped = [buffer[:36].view(1, 6, 6), buffer[36:].view(1, 4, 9)]
+    assert [n for _, n in tile_runs(shaped)] == [1, 1]
 
 
 def test_stacked_is_a_view_for_the_slices_of_one_tensor():
