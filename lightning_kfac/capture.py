@@ -156,6 +156,8 @@ class _Batched:
     block: CurvatureBlock
     key: Hashable
     x: Tensor
+    #: ``x._version`` when the layer ran: the input must not have changed since
+    version: int
     grad: Tensor | None = None
 
 
@@ -358,6 +360,13 @@ class FactorCapture:
         start = time.perf_counter()
         by_key: dict[Hashable, list[_Sums]] = defaultdict(list)
         for call in calls:
+            if call.batched.x._version != call.batched.version:
+                raise RuntimeError(
+                    f"K-FAC: the input of layer {call.batched.name!r} was modified in place "
+                    "after the layer ran, before the backward pass ended, so its factor "
+                    "statistics cannot be taken from it; exclude the layer from K-FAC "
+                    "(KFACCallback(exclude=[...])) or do not modify its input in place"
+                )
             by_key[call.batched.key].append(call)
         for group in by_key.values():
             if weight is not None and len(group) == 1:
@@ -475,7 +484,7 @@ class FactorCapture:
         batchable = batchable and name not in self._lone
         key = block.statistics_batch_key(x, output, self._examples) if batchable else None
         if key is not None:
-            call, context = _Sums(batched=_Batched(name, block, key, x)), None
+            call, context = _Sums(batched=_Batched(name, block, key, x, x._version)), None
             self._pending[name].append(call)
         else:
             with _full_precision(x.device.type):

@@ -361,9 +361,9 @@ class KroneckerBlock(CurvatureBlock):
         K-FAC-reduce needs (default: already first)."""
         return x
 
-    #: Calls with more row elements than this compute their statistics in the hooks: beside
-    #: their arithmetic the host cost that batching saves is small, and their output
-    #: gradients are then not held until the backward pass ends.
+    #: Calls with more input-row or output elements than this compute their statistics in
+    #: the hooks: beside their arithmetic the host cost that batching saves is small, and
+    #: their output gradients are then not held until the backward pass ends.
     batched_elements: int = 1 << 18
 
     def stacked_geometry(self, x: Tensor) -> Hashable | None:
@@ -379,7 +379,11 @@ class KroneckerBlock(CurvatureBlock):
             return None
         geometry = self.stacked_geometry(x)
         rows = output.numel() // max(self.out_features, 1) * self.in_features
-        if geometry is None or rows > self.batched_elements:
+        if geometry is None or max(rows, output.numel()) > self.batched_elements:
+            return None
+        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.get_autocast_dtype(
+            x.device.type
+        ):  # autograd keeps a cast copy: x itself may change in place after the layer ran
             return None
         return (
             type(self),
@@ -618,14 +622,20 @@ class KroneckerBlock(CurvatureBlock):
 
 
 def _plain_layout(blocks: Sequence[CurvatureBlock], grads: Sequence[Tensor | None]) -> bool:
-    """Whether the gradients of ``blocks`` can be read and written as one stack: blocks that
-    keep ``KroneckerBlock``'s own gradient layout, every gradient a plain tensor (not None,
+    """Whether the gradients of ``blocks`` can be read and written as one stack: blocks of
+    one class that keeps ``KroneckerBlock``'s own gradient layout, with weights of one shape
+    and a bias each or none (one batch key may join a Linear and a 1x1 convolution, or a
+    biased layer and an unbiased one one wider), every gradient a plain tensor (not None,
     not a sharded DTensor)."""
-    cls = type(blocks[0])
+    cls, count = type(blocks[0]), len(blocks)
     return (
         cls.gradient is KroneckerBlock.gradient
         and cls.set_gradient is KroneckerBlock.set_gradient
+        and all(type(block) is cls for block in blocks)
         and all(type(grad) is Tensor for grad in grads)
+        and all(g.shape == grads[0].shape for g in grads[:count])
+        and all(g.shape == grads[-1].shape for g in grads[count:])
+        and all(block.has_bias == blocks[0].has_bias for block in blocks)
     )
 
 

@@ -76,5 +76,7 @@ def stacked(tensors: Sequence[Tensor]) -> Tensor:
     if len(tensors) == 1:
         return tensors[0]
     shape = tensors[0].shape[1:]
+    if any(t.shape[1:] != shape for t in tensors):
+        return torch.cat(list(tensors))  # which says what does not fit
     parts = [tile.view(-1, *shape) for tile in tiles(tensors)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -278,3 +278,84 @@ def test_stacked_is_a_view_for_the_slices_of_one_tensor():
     assert torch.equal(stacked(pieces), base)
     other = [torch.randn(1, 3, 2), *pieces]
     assert torch.equal(stacked(other), torch.cat(other))
+
+
+def test_one_batch_key_of_different_layers_steps_as_per_layer():
+    """A 1x1 convolution and a Linear layer of the same widths share a batch key (one
+    operator), but not a weight shape: their gradients are read and written per block."""
+
+    class Mixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.convs = nn.Sequential(nn.Conv1d(8, 8, 1), nn.Tanh(), nn.Conv1d(8, 8, 1))
+            self.linear = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.convs(x).mean(-1)
+            return self.head(torch.tanh(self.linear(h)))
+
+    params = []
+    for batched in (True, False):
+        torch.manual_seed(6)
+        model = Mixed()
+        blocks = discover(model).blocks
+        keys = {blocks[n].batch_key() for n in ("convs.0", "convs.2", "linear")}
+        assert len(keys) == 1
+        engine = KFACEngine(
+            blocks if batched else unbatched(blocks), KFACOptions(), warn=lambda m: None
+        )
+        engine.attach()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        generator = torch.Generator().manual_seed(7)
+        for _ in range(3):
+            x = torch.randn(6, 8, 5, generator=generator)
+            y = torch.randint(0, 3, (6,), generator=generator)
+            engine.start_microbatch()
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            engine.step(optimizer.param_groups)
+            optimizer.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for got, expected in zip(*params):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_an_input_changed_in_place_under_autocast_is_read_as_it_was():
+    """Under autocast a layer's float32 input is saved as a cast copy, so the input itself
+    may change in place after the layer ran (an in-place residual): such calls are taken in
+    the hooks, from the input as the layer saw it."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(8)
+    layers = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+    x = torch.randn(5, 6)
+    factors = []
+    for batched in (True, False):
+        blocks = {str(i): b for i, b in enumerate(discover(layers).blocks.values())}
+        blocks = blocks if batched else unbatched(blocks)
+        capture = FactorCapture(blocks, loss_reduction="mean", dtype=torch.float32)
+        capture.attach()
+        capture.start_microbatch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = x.clone()
+            for layer in layers:
+                h += layer(h)  # the residual stream, float32, updated in place
+            loss = h.float().pow(2).mean()
+        loss.backward()
+        factors.append({n: b.factors["A"] for n, b in capture.pop().items()})
+        capture.detach()
+        layers.zero_grad()
+    for name in factors[1]:
+        torch.testing.assert_close(factors[0][name], factors[1][name], rtol=0, atol=0)
+
+
+def test_an_input_changed_before_the_commit_is_refused():
+    model = deep_mlp()
+    x = torch.randn(4, 6)
+    capture = FactorCapture(discover(model).blocks, loss_reduction="mean", dtype=torch.float64)
+    capture.attach()
+    capture.start_microbatch()
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    x.add_(1.0)  # the first layer's input, after its backward and before the commit
+    with pytest.raises(RuntimeError, match="layer '0' was modified in place"):
+        capture.end_backward()
