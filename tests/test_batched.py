@@ -21,13 +21,7 @@ from lightning_kfac.engine import KFACEngine
 from lightning_kfac.options import KFACOptions
 from lightning_kfac.tiles import stacked, tile_runs, tiles
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def deep_mlp() -> nn.Sequential:
@@ -72,11 +66,16 @@ def unbatched(blocks):
     return blocks
 
 
-def factors_of(model, x, y, batched: bool, loss_scale: float = 1.0, passes: int = 1):
-    blocks = discover(model).blocks
+def attached_capture(blocks, batched: bool, dtype=torch.float64) -> FactorCapture:
+    """A capture of ``blocks``, with batching on or off, its hooks installed."""
     blocks = blocks if batched else unbatched(blocks)
-    capture = FactorCapture(blocks, loss_reduction="mean", dtype=torch.float64)
+    capture = FactorCapture(blocks, loss_reduction="mean", dtype=dtype)
     capture.attach()
+    return capture
+
+
+def factors_of(model, x, y, batched: bool, loss_scale: float = 1.0, passes: int = 1):
+    capture = attached_capture(discover(model).blocks, batched)
     for part in torch.arange(x.shape[0]).chunk(passes):
         capture.start_microbatch(loss_scale=loss_scale / passes)
         loss = F.cross_entropy(model(x[part]), y[part]) * loss_scale / passes
@@ -145,11 +144,7 @@ def test_a_second_gradient_of_one_call_counts_both(monkeypatch):
     results = []
     for batched in (True, False):
         sizes.clear()
-        blocks = discover(model).blocks
-        capture = FactorCapture(
-            blocks if batched else unbatched(blocks), loss_reduction="mean", dtype=torch.float64
-        )
-        capture.attach()
+        capture = attached_capture(discover(model).blocks, batched)
         capture.start_microbatch()
         out = model(x)
         F.cross_entropy(out, y).backward(retain_graph=True)
@@ -173,11 +168,7 @@ def test_a_call_reached_by_a_later_backward_is_kept_until_then(monkeypatch):
     results = []
     for batched in (True, False):
         sizes.clear()
-        blocks = discover(model).blocks
-        capture = FactorCapture(
-            blocks if batched else unbatched(blocks), loss_reduction="mean", dtype=torch.float64
-        )
-        capture.attach()
+        capture = attached_capture(discover(model).blocks, batched)
         capture.start_microbatch()
         features = body(x)
         head(features.detach()).pow(2).mean().backward()
@@ -197,6 +188,26 @@ def test_a_call_reached_by_a_later_backward_is_kept_until_then(monkeypatch):
             torch.testing.assert_close(results[0][name][key], results[1][name][key])
 
 
+def trained(model, blocks, batched: bool, options, shape, steps: int) -> list[torch.Tensor]:
+    """The parameters after ``steps`` K-FAC steps (SGD, momentum 0.9) on random batches of
+    ``shape`` with 3 classes, with batching on or off."""
+    engine = KFACEngine(
+        blocks if batched else unbatched(blocks), options, warn=lambda message: None
+    )
+    engine.attach()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        x = torch.randn(*shape, generator=generator)
+        y = torch.randint(0, 3, shape[:1], generator=generator)
+        engine.start_microbatch()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        engine.step(optimizer.param_groups)
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize("build, shape", [(deep_mlp, (6,)), (conv_net, (4, 7))])
 def test_engine_steps_equal_per_layer_ones(build, shape, monkeypatch):
     """Batched statistics, gathered and written-back gradients, the tiled KL clip: five
@@ -206,24 +217,8 @@ def test_engine_steps_equal_per_layer_ones(build, shape, monkeypatch):
     for batched in (True, False):
         sizes.clear()
         model = build()
-        blocks = discover(model).blocks
-        engine = KFACEngine(
-            blocks if batched else unbatched(blocks),
-            KFACOptions(inv_update_freq=2, kl_clip=1e-3),
-            warn=lambda message: None,
-        )
-        engine.attach()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        generator = torch.Generator().manual_seed(5)
-        for _ in range(5):
-            x = torch.randn(8, *shape, generator=generator)
-            y = torch.randint(0, 3, (8,), generator=generator)
-            engine.start_microbatch()
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            engine.step(optimizer.param_groups)
-            optimizer.step()
-        params.append([p.detach().clone() for p in model.parameters()])
+        options = KFACOptions(inv_update_freq=2, kl_clip=1e-3)
+        params.append(trained(model, discover(model).blocks, batched, options, (8, *shape), 5))
         assert (max(sizes, default=0) >= 3) == batched
     for got, expected in zip(*params):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -302,21 +297,7 @@ def test_one_batch_key_of_different_layers_steps_as_per_layer():
         blocks = discover(model).blocks
         keys = {blocks[n].batch_key() for n in ("convs.0", "convs.2", "linear")}
         assert len(keys) == 1
-        engine = KFACEngine(
-            blocks if batched else unbatched(blocks), KFACOptions(), warn=lambda m: None
-        )
-        engine.attach()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        generator = torch.Generator().manual_seed(7)
-        for _ in range(3):
-            x = torch.randn(6, 8, 5, generator=generator)
-            y = torch.randint(0, 3, (6,), generator=generator)
-            engine.start_microbatch()
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            engine.step(optimizer.param_groups)
-            optimizer.step()
-        params.append([p.detach().clone() for p in model.parameters()])
+        params.append(trained(model, blocks, batched, KFACOptions(), (6, 8, 5), 3))
     for got, expected in zip(*params):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
@@ -332,9 +313,7 @@ def test_an_input_changed_in_place_under_autocast_is_read_as_it_was():
     factors = []
     for batched in (True, False):
         blocks = {str(i): b for i, b in enumerate(discover(layers).blocks.values())}
-        blocks = blocks if batched else unbatched(blocks)
-        capture = FactorCapture(blocks, loss_reduction="mean", dtype=torch.float32)
-        capture.attach()
+        capture = attached_capture(blocks, batched, torch.float32)
         capture.start_microbatch()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             h = x.clone()

@@ -12,13 +12,7 @@ from torch import nn
 from lightning_kfac.blocks import ConvBlock, LinearBlock
 from lightning_kfac.capture import FactorCapture
 
-
-@pytest.fixture(autouse=True)
-def float64_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 def head_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
