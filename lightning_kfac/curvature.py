@@ -528,35 +528,29 @@ class KroneckerBlock(CurvatureBlock):
     @classmethod
     def gradients(cls, blocks: Sequence[CurvatureBlock]) -> list[Tensor | None]:
         """Dense blocks of one shape: their weight (and bias) gradients stacked at once."""
-        if len(blocks) < STACKED_GRADIENTS:
+        stackable = _stackable_gradients(blocks)
+        if stackable is None:
             return super().gradients(blocks)
+        weights, biases = stackable
         first = blocks[0]
-        grads = [b.module.weight.grad for b in blocks]
-        grads += [b.module.bias.grad for b in blocks] if first.has_bias else []
-        if not _plain_layout(blocks, grads):
-            return super().gradients(blocks)
-        count, groups = len(blocks), first.groups
-        shape = (count * groups, first.out_features, first.in_features)
-        matrix = torch.stack(grads[:count]).reshape(shape)
-        if first.has_bias:
-            column = torch.stack(grads[count:]).reshape(*shape[:2], 1)
-            matrix = torch.cat([matrix, column], dim=-1)
-        return list(matrix.split(groups))
+        shape = (len(blocks) * first.groups, first.out_features, first.in_features)
+        matrix = torch.stack(weights).reshape(shape)
+        if biases:
+            matrix = torch.cat([matrix, torch.stack(biases).reshape(*shape[:2], 1)], dim=-1)
+        return list(matrix.split(first.groups))
 
     @classmethod
     def set_gradients(cls, blocks: Sequence[CurvatureBlock], gradients: Sequence[Tensor]) -> None:
         """Two multi-tensor copies from the stacked gradients."""
-        if len(blocks) < STACKED_GRADIENTS:
+        stackable = _stackable_gradients(blocks)
+        if stackable is None:
             return super().set_gradients(blocks, gradients)
-        first = blocks[0]
-        grads = [b.module.weight.grad for b in blocks]
-        biases = [b.module.bias.grad for b in blocks] if first.has_bias else []
-        if not _plain_layout(blocks, grads + biases):
-            return super().set_gradients(blocks, gradients)
-        count, width = len(blocks), first.in_features
+        weights, biases = stackable
+        count, width = len(blocks), blocks[0].in_features
         matrix = stacked(gradients)  # (count * groups, out_features, a_dim)
-        weights = matrix[..., :width].reshape(count, *grads[0].shape).unbind(0)
-        torch._foreach_copy_(grads, weights)
+        torch._foreach_copy_(
+            weights, matrix[..., :width].reshape(count, *weights[0].shape).unbind(0)
+        )
         if biases:
             torch._foreach_copy_(biases, matrix[..., width].reshape(count, -1).unbind(0))
 
@@ -621,22 +615,30 @@ class KroneckerBlock(CurvatureBlock):
         return apply
 
 
-def _plain_layout(blocks: Sequence[CurvatureBlock], grads: Sequence[Tensor | None]) -> bool:
-    """Whether the gradients of ``blocks`` can be read and written as one stack: blocks of
-    one class that keeps ``KroneckerBlock``'s own gradient layout, with weights of one shape
-    and a bias each or none (one batch key may join a Linear and a 1x1 convolution, or a
-    biased layer and an unbiased one one wider), every gradient a plain tensor (not None,
-    not a sharded DTensor)."""
-    cls, count = type(blocks[0]), len(blocks)
-    return (
-        cls.gradient is KroneckerBlock.gradient
-        and cls.set_gradient is KroneckerBlock.set_gradient
-        and all(type(block) is cls for block in blocks)
-        and all(type(grad) is Tensor for grad in grads)
-        and all(g.shape == grads[0].shape for g in grads[:count])
-        and all(g.shape == grads[-1].shape for g in grads[count:])
-        and all(block.has_bias == blocks[0].has_bias for block in blocks)
-    )
+def _stackable_gradients(
+    blocks: Sequence[CurvatureBlock],
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """The weight and bias gradients of ``blocks`` (biases: none without), when they can be
+    read and written as one stack; None else. That needs at least ``STACKED_GRADIENTS``
+    blocks of one class that keeps ``KroneckerBlock``'s own gradient layout, each with a bias
+    or none and with weights of one shape (one batch key may join a Linear and a 1x1
+    convolution, or a biased layer and an unbiased one one wider), and every gradient a
+    plain tensor (not None, not a sharded DTensor)."""
+    first = blocks[0]
+    cls = type(first)
+    if (
+        len(blocks) < STACKED_GRADIENTS
+        or cls.gradient is not KroneckerBlock.gradient
+        or cls.set_gradient is not KroneckerBlock.set_gradient
+        or any(type(block) is not cls or block.has_bias != first.has_bias for block in blocks)
+    ):
+        return None
+    weights = [block.module.weight.grad for block in blocks]
+    biases = [block.module.bias.grad for block in blocks] if first.has_bias else []
+    for same in (weights, biases):
+        if not all(type(g) is Tensor and g.shape == same[0].shape for g in same):
+            return None
+    return weights, biases
 
 
 def _per_call(rows: Tensor, calls: int) -> Tensor:

@@ -302,6 +302,29 @@ def test_one_batch_key_of_different_layers_steps_as_per_layer():
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
+def test_a_batch_key_of_biased_and_unbiased_layers_reads_gradients_per_block():
+    """A biased Linear(9, 4) and unbiased Linear(10, 4) layers share a batch key (a = 10):
+    their gradients are read and written per block, in either order."""
+    torch.manual_seed(9)
+    layers = nn.ModuleList(
+        [nn.Linear(9, 4), nn.Linear(10, 4, bias=False), nn.Linear(10, 4, bias=False)]
+    )
+    for order in ([0, 1, 2], [1, 0, 2], [1, 2, 0]):
+        for layer in layers:
+            layer(torch.randn(3, layer.in_features)).pow(2).sum().backward()
+        blocks = list(discover(layers).blocks.values())
+        chosen = [blocks[i] for i in order]
+        assert len({block.batch_key() for block in chosen}) == 1
+        got = type(chosen[0]).gradients(chosen)
+        for block, gradient in zip(chosen, got):
+            torch.testing.assert_close(gradient, block.gradient(), rtol=0, atol=0)
+        new = [torch.randn_like(g) for g in got]
+        type(chosen[0]).set_gradients(chosen, new)
+        for block, gradient in zip(chosen, new):
+            torch.testing.assert_close(block.gradient(), gradient, rtol=0, atol=0)
+        layers.zero_grad()
+
+
 def test_an_input_changed_in_place_under_autocast_is_read_as_it_was():
     """Under autocast a layer's float32 input is saved as a cast copy, so the input itself
     may change in place after the layer ran (an in-place residual): such calls are taken in
