@@ -23,6 +23,7 @@ and an input statistic averages over the rows of the observations that produced 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from abc import abstractmethod
 from collections import defaultdict
@@ -35,7 +36,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_kfac.curvature import CurvatureBlock
-from lightning_kfac.tiles import tile_runs, tiles
+from lightning_kfac.tiles import tile_runs, tiles, untile
 
 #: What the loss was multiplied by before backward: a number or a one-element tensor (a
 #: GradScaler's scale, read by the hooks without a host sync).
@@ -408,13 +409,11 @@ class FactorCapture:
             values += sums.outputs.values()
             scales += [1.0 / sums.examples] * len(sums.outputs)
         runs = tile_runs(values)
-        starts = _starts(runs)
-        scaled = (
-            torch._foreach_mul([t for t, _ in runs], [scales[i] for i in starts]) if runs else []
-        )
         averages: list[Tensor] = []
-        for (_, count), start, tile in zip(runs, starts, scaled):
-            averages += tile.view(count, *values[start].shape).unbind(0) if count > 1 else [tile]
+        if runs:  # each run scaled by its first tensor's scale (a run's are all alike)
+            firsts = itertools.accumulate([count for _, count in runs[:-1]], initial=0)
+            scaled = torch._foreach_mul([t for t, _ in runs], [scales[i] for i in firsts])
+            averages = untile(values, runs, scaled)
         found = iter(averages)
         inputs = {n: {key: next(found) for key in sums.inputs} for n, sums in complete.items()}
         outputs = {n: {key: next(found) for key in sums.outputs} for n, sums in complete.items()}
@@ -520,15 +519,6 @@ class FactorCapture:
 def _stack(tensors: list[Tensor]) -> Tensor:
     """``torch.stack(tensors)``, a view for one tensor."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def _starts(runs: list[tuple[Tensor, int]]) -> list[int]:
-    """The index of the first tensor each of ``tile_runs``'s results stands for."""
-    starts, position = [], 0
-    for _, count in runs:
-        starts.append(position)
-        position += count
-    return starts
 
 
 def _positions(block: CurvatureBlock, output: Tensor) -> int:

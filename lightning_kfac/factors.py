@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from lightning_kfac.tiles import tile_runs
+from lightning_kfac.tiles import tile_runs, untile
 
 
 def update_running(
@@ -55,13 +55,7 @@ def update_running(
 def _copy_first(first: list[tuple[dict[str, Tensor], str, Tensor]]) -> None:
     """Running factors seen for the first time: copies of their batch values, one copy per
     batched product they are slices of."""
-    position = 0
-    for tile, count in tile_runs([value for *_, value in first]):
-        copies = (
-            tile.clone().view(count, *first[position][2].shape).unbind(0)
-            if count > 1
-            else [tile.clone()]
-        )
-        for (factors, key, _), copy in zip(first[position : position + count], copies):
-            factors[key] = copy
-        position += count
+    values = [value for *_, value in first]
+    runs = tile_runs(values)
+    for (factors, key, _), copy in zip(first, untile(values, runs, [t.clone() for t, _ in runs])):
+        factors[key] = copy

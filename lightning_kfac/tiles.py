@@ -19,7 +19,7 @@ def tile_runs(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     """``tensors`` with every run of consecutive, contiguous slices of one shape that
     together make up a whole contiguous tensor replaced by that tensor: a list of
     ``(tensor, how many of tensors it stands for)``. A run of ``count`` slices of shape ``s``
-    is its tensor viewed as ``(count, *s)`` and unbound.
+    is its tensor viewed as ``(count, *s)`` and unbound (``untile``).
 
     Flattening and concatenating the results gives the same elements, in the same order, as
     flattening and concatenating ``tensors``.
@@ -62,6 +62,19 @@ def tile_runs(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
             out.append((tensor, 1))
     if run:
         close()
+    return out
+
+
+def untile(
+    tensors: Sequence[Tensor], runs: Sequence[tuple[Tensor, int]], results: Sequence[Tensor]
+) -> list[Tensor]:
+    """One tensor per one of ``tensors``, shaped alike, from ``results``: one per run of
+    ``tile_runs(tensors)``, shaped as its run's tensor (the result of an elementwise op on
+    it, or a copy)."""
+    out: list[Tensor] = []
+    for (_, count), result in zip(runs, results):
+        shape = tensors[len(out)].shape
+        out += result.view(count, *shape).unbind(0) if count > 1 else [result]
     return out
 
 

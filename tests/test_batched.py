@@ -19,7 +19,7 @@ from lightning_kfac.curvature import KroneckerBlock
 from lightning_kfac.discovery import discover
 from lightning_kfac.engine import KFACEngine
 from lightning_kfac.options import KFACOptions
-from lightning_kfac.tiles import stacked, tile_runs, tiles
+from lightning_kfac.tiles import stacked, tile_runs, tiles, untile
 
 pytestmark = pytest.mark.usefixtures("float64_default")
 
@@ -256,6 +256,11 @@ def test_tile_runs_collapse_whole_runs_only():
     plain = torch.randn(5)
     runs = tile_runs([*views, *other.split(1), plain])
     assert [(t.shape, n) for t, n in runs] == [((4, 3, 2), 4), ((2, 3, 2), 2), ((5,), 1)]
+    pieces = [*views, *other.split(1), plain]
+    runs = tile_runs(pieces)
+    copies = untile(pieces, runs, [t.clone() for t, _ in runs])
+    assert [c.shape for c in copies] == [p.shape for p in pieces]
+    assert all(torch.equal(c, p) and c.data_ptr() != p.data_ptr() for c, p in zip(copies, pieces))
     mixed = [views[0], plain, *views[1:]]
     flat = torch.cat([t.reshape(-1) for t in tiles(mixed)])
     assert torch.equal(flat, torch.cat([t.reshape(-1) for t in mixed]))
