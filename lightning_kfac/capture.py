@@ -319,7 +319,7 @@ class FactorCapture:
                 call.batched.grad = grad
                 continue
             with _full_precision(grad.device.type):
-                statistics = block.capture_output(grad.to(self.dtype) / self._loss_scale, context)
+                statistics = block.capture_output(self._unscaled(grad), context)
                 _add(call.outputs, statistics)
         self.seconds += time.perf_counter() - start
         return True
@@ -377,7 +377,7 @@ class FactorCapture:
             with _full_precision(group[0].batched.x.device.type):
                 inputs = _stack([call.batched.x for call in group]).to(self.dtype)
                 grads = _stack([call.batched.grad for call in group])
-                grads = grads.to(self.dtype) / self._loss_scale  # undone before the products
+                grads = self._unscaled(grads)  # undone before the products
                 results = type(blocks[0]).batched_statistics(blocks, inputs, grads)
                 if weight is not None:  # in place, on the products the views are slices of
                     outputs = tiles([t for *_, out in results for t in out.values()])
@@ -429,6 +429,13 @@ class FactorCapture:
         self._pending = {name: [] for name in self.blocks}
         self._committed = {name: _Sums() for name in self.blocks}
         self.seconds = 0.0
+
+    def _unscaled(self, grad: Tensor) -> Tensor:
+        """``grad`` in the factor dtype with the loss scale undone: ``grad`` itself when
+        neither changes it (statistics only read their output gradient, never write it)."""
+        grad = grad.to(self.dtype)
+        scale = self._loss_scale
+        return grad if isinstance(scale, (int, float)) and scale == 1 else grad / scale
 
     def _terms(self, examples: int | None) -> float:
         """K: what the loss of the pass just ended averages over."""
@@ -509,7 +516,7 @@ class FactorCapture:
                 self._batched_statistics([call], None)
             start = time.perf_counter()
             with _full_precision(grad.device.type):
-                statistics = block.capture_output(grad.to(self.dtype) / self._loss_scale, context)
+                statistics = block.capture_output(self._unscaled(grad), context)
                 _add(call.outputs, statistics)
             self.seconds += time.perf_counter() - start
 

@@ -93,7 +93,8 @@ class CurvatureBlock(ABC):
     @abstractmethod
     def capture_output(self, grad_output: Tensor, context: Any) -> dict[str, Tensor]:
         """From autograd's output gradient (loss scale undone): statistics quadratic in it,
-        summed over rows."""
+        summed over rows. ``grad_output`` may be autograd's own tensor: read it, never
+        write it (nor ``capture_input``'s ``x``)."""
 
     # -- decomposition ---------------------------------------------------------------------
 

@@ -29,40 +29,38 @@ def tile_runs(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
             plain tensors, in any mix.
     """
     out: list[tuple[Tensor, int]] = []
-    run: list[Tensor] = []
-
-    def close() -> None:
-        base = run[0]._base
-        if len(run) > 1 and sum(t.numel() for t in run) == base.numel():
-            out.append((base, len(run)))
-        else:
-            out.extend((t, 1) for t in run)
-        run.clear()
-
-    for tensor in tensors:
-        base = tensor._base
-        if base is None and not run:  # the common case of a plain tensor, decided at once
-            out.append((tensor, 1))
-            continue
-        if run and not (
-            base is run[0]._base
-            and tensor.shape == run[0].shape
-            and tensor.is_contiguous()
-            and tensor.storage_offset() == run[-1].storage_offset() + run[-1].numel()
-        ):
-            close()
-        if run or (
-            base is not None
-            and base.is_contiguous()
-            and tensor.is_contiguous()
-            and tensor.storage_offset() == base.storage_offset()
-        ):
-            run.append(tensor)
-        else:
-            out.append((tensor, 1))
-    if run:
-        close()
+    i, total = 0, len(tensors)
+    while i < total:  # host time matters here: few tensor attribute reads per tensor
+        first = tensors[i]
+        count = _run_from(tensors, i, first)
+        out.append((first._base, count) if count > 1 else (first, 1))
+        i += count
     return out
+
+
+def _run_from(tensors: Sequence[Tensor], i: int, first: Tensor) -> int:
+    """How many tensors from ``i`` on make up ``first``'s base whole (1 if they do not)."""
+    base = first._base
+    if base is None or not first.is_contiguous() or not base.is_contiguous():
+        return 1
+    start, size = first.storage_offset(), first.numel()
+    whole = base.numel()
+    if start != base.storage_offset() or not size or whole % size or whole // size < 2:
+        return 1
+    count = whole // size
+    if i + count > len(tensors):
+        return 1
+    shape = first.shape
+    for j in range(1, count):
+        tensor = tensors[i + j]
+        if (
+            tensor._base is not base
+            or tensor.storage_offset() != start + j * size
+            or tensor.shape != shape
+            or not tensor.is_contiguous()
+        ):
+            return 1
+    return count
 
 
 def untile(
