@@ -31,15 +31,16 @@ def tile_runs(tensors: Sequence[Tensor]) -> list[tuple[Tensor, int]]:
     out: list[tuple[Tensor, int]] = []
     i, total = 0, len(tensors)
     while i < total:  # host time matters here: few tensor attribute reads per tensor
-        first = tensors[i]
-        count = _run_from(tensors, i, first)
-        out.append((first._base, count) if count > 1 else (first, 1))
+        count = _run_from(tensors, i)
+        out.append((tensors[i]._base, count) if count > 1 else (tensors[i], 1))
         i += count
     return out
 
 
-def _run_from(tensors: Sequence[Tensor], i: int, first: Tensor) -> int:
-    """How many tensors from ``i`` on make up ``first``'s base whole (1 if they do not)."""
+def _run_from(tensors: Sequence[Tensor], i: int) -> int:
+    """How many tensors from ``i`` on make up ``tensors[i]``'s base whole (1 if they do
+    not)."""
+    first = tensors[i]
     base = first._base
     if base is None or not first.is_contiguous() or not base.is_contiguous():
         return 1
