@@ -111,9 +111,9 @@ class KFACCallback(Callback):
             always use every example; under data parallelism each rank uses its first ones.
         inverse_method: ``"eigen"`` (eigendecompositions), or ``"cholesky"``: the damped
             inverses of dense Linear/Conv factors by Cholesky factorisation, formed once per
-            decomposition and damping (several times cheaper than ``eigh``, two products per
-            step instead of four); needs ``damping_method="factored"``. Block-diagonal or
-            diagonal factors and other layer types keep the eigen method.
+            decomposition and damping (several times cheaper than ``eigh``; each step is two
+            products, as with eigen and factored damping); needs ``damping_method="factored"``.
+            Block-diagonal or diagonal factors and other layer types keep the eigen method.
         factor_structure: per-layer structures regardless of size, ``{module name pattern:
             "dense" | "block-diagonal" | "diagonal"}`` or ``{pattern: {"A": ..., "G": ...}}``.
         factor_dtype: the dtype of factors and decompositions: ``"auto"`` (float64 for

@@ -130,7 +130,7 @@ class ObservedBlock(CurvatureBlock):
         raise TypeError(f"{type(self).__name__} is observed through install(), not its input")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Sums:
     inputs: dict[str, Tensor] = field(default_factory=dict)
     #: rows of one pending observation
@@ -149,7 +149,7 @@ class _Sums:
         return bool(self.outputs) or (self.batched is not None and self.batched.grad is not None)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Batched:
     """A call waiting for its statistics: its block, batch key, input and output gradient."""
 
@@ -212,6 +212,8 @@ class FactorCapture:
         #: the block that ran last: what "positions"/"elements" count K from.
         self._outputs: dict[str, tuple[int, int]] = {}
         self._last_name: str | None = None
+        #: Whether K counts the outputs (``_outputs`` is kept only then).
+        self._counts_outputs = False
         #: Each block's forward calls not yet reached by a backward pass (one _Sums each).
         self._pending: dict[str, list[_Sums]] = {name: [] for name in self.blocks}
         self._committed = {name: _Sums() for name in self.blocks}
@@ -271,6 +273,8 @@ class FactorCapture:
         self._loss_scale = loss_scale
         self._examples = examples
         self._microbatch_terms = loss_terms
+        terms = self.loss_terms if loss_terms is None else loss_terms
+        self._counts_outputs = self.loss_reduction == "mean" and terms in ("positions", "elements")
         self._outputs, self._last_name = {}, None
         self._awaiting, self.last_output = [], None
 
@@ -480,15 +484,20 @@ class FactorCapture:
         if self._examples is None:
             self._examples = examples
         if layer_output:
-            positions, elements = self._outputs.get(name, (0, 0))
-            self._outputs[name] = (
-                positions + _positions(block, output),
-                elements + output.numel(),
-            )
+            if self._counts_outputs:
+                positions, elements = self._outputs.get(name, (0, 0))
+                self._outputs[name] = (
+                    positions + _positions(block, output),
+                    elements + output.numel(),
+                )
             self._last_name = name
-            self.last_output = (output, block)
-        batchable = batchable and name not in self._lone
-        key = block.statistics_batch_key(x, output, self._examples) if batchable else None
+            if self.sampled:
+                self.last_output = (output, block)
+        key = (
+            block.statistics_batch_key(x, output, self._examples)
+            if batchable and name not in self._lone
+            else None
+        )
         if key is not None:
             call, context = _Sums(batched=_Batched(name, block, key, x, x._version)), None
             self._pending[name].append(call)

@@ -31,6 +31,7 @@ from lightning_kfac.inverse import damped_inverse_pair
 from lightning_kfac.preconditioning import (
     damped_inverse,
     damped_inverse_eigenvalues,
+    factored_damping,
     precondition,
 )
 from lightning_kfac.structure import FactorStructure
@@ -290,6 +291,8 @@ class KroneckerBlock(CurvatureBlock):
     _a_structure: FactorStructure | None = None
     _g_structure: FactorStructure | None = None
     _shapes: dict[str, tuple[int, ...]] | None = None
+    #: ``_widths_key()`` once computed (False: not yet).
+    _widths: Hashable | None = False
     groups: int
     has_bias: bool
     in_features: int
@@ -335,7 +338,7 @@ class KroneckerBlock(CurvatureBlock):
                 raise ValueError(f"{side} structure has width {structure.width}, not {width}")
         self._a_structure = a if a is not None else self._a_structure
         self._g_structure = g if g is not None else self._g_structure
-        self._shapes = None
+        self._shapes, self._widths = None, False
 
     def _structure(self, key: str) -> FactorStructure:
         return self.a_structure if key.startswith("A") else self.g_structure
@@ -376,29 +379,30 @@ class KroneckerBlock(CurvatureBlock):
     def statistics_batch_key(self, x: Tensor, output: Tensor, examples: int) -> Hashable | None:
         """Dense sides, expand, every example, and a layer whose inputs stack
         (``stacked_geometry``): calls of one class, widths, geometry and shapes batch."""
-        if not self.dense or self.reduce or self._subset(examples) is not None:
+        widths = self._widths_key()  # read on every call: computed once
+        if widths is None or self.reduce or self._subset(examples) is not None:
             return None
         geometry = self.stacked_geometry(x)
-        rows = output.numel() // max(self.out_features, 1) * self.in_features
-        if geometry is None or max(rows, output.numel()) > self.batched_elements:
+        elements = output.numel()
+        rows = elements // max(self.out_features, 1) * self.in_features
+        if geometry is None or max(rows, elements) > self.batched_elements:
             return None
-        if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.get_autocast_dtype(
-            x.device.type
+        device = x.device
+        if torch.is_autocast_enabled(device.type) and x.dtype != torch.get_autocast_dtype(
+            device.type
         ):  # autograd keeps a cast copy: x itself may change in place after the layer ran
             return None
-        return (
-            type(self),
-            self.groups,
-            self.in_features,
-            self.out_features,
-            self.has_bias,
-            geometry,
-            tuple(x.shape),
-            tuple(output.shape),
-            x.dtype,
-            output.dtype,
-            x.device,
-        )
+        return (widths, geometry, x.shape, output.shape, x.dtype, output.dtype, device)
+
+    def _widths_key(self) -> Hashable | None:
+        """The class and widths that calls batched together share; None unless dense."""
+        if self._widths is False:
+            self._widths = (
+                (type(self), self.groups, self.in_features, self.out_features, self.has_bias)
+                if self.dense
+                else None
+            )
+        return self._widths
 
     @classmethod
     def batched_statistics(
@@ -589,8 +593,9 @@ class KroneckerBlock(CurvatureBlock):
         method: str,
     ) -> Operator:
         """All blocks of one shape at once: their eigenbases and damped inverse eigenvalues
-        stacked along the groups dimension, four batched products per step (with Cholesky
-        inverses: the damped inverses, formed here, and two products per step)."""
+        stacked along the groups dimension, four batched products per step. With factored
+        damping the damped inverses are formed here (from the eigenbases, or with Cholesky
+        inverses from the factors) and each step costs two products."""
         if getattr(blocks[0], "inverse", "eigen") == "cholesky":
             return _cholesky_operator(blocks, decompositions, damping, method)
         if not getattr(blocks[0], "dense", True):  # structured sides: one block at a time
@@ -602,10 +607,17 @@ class KroneckerBlock(CurvatureBlock):
             )
             for key in "AG"
         )
+        counts = [block.groups for block in blocks]
+        if method == "factored":
+            damp_g, damp_a = factored_damping(
+                [eigen_g.mean_eigenvalue, eigen_a.mean_eigenvalue], damping
+            )
+            return _inverse_pair_operator(
+                _shifted_inverse(eigen_a, damp_a), _shifted_inverse(eigen_g, damp_g), counts
+            )
         scale = damped_inverse_eigenvalues(eigen_g, eigen_a, damping, method)
         q_a, q_g = eigen_a.vectors, eigen_g.vectors
         q_a_t, q_g_t = q_a.mT, q_g.mT
-        counts = [block.groups for block in blocks]
 
         def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
             dtype = gradients[0].dtype
@@ -662,7 +674,17 @@ def _cholesky_operator(
         stacked([d["G"].matrix for d in decompositions]),
         damping,
     )
-    counts = [block.groups for block in blocks]
+    return _inverse_pair_operator(a_inv, g_inv, [block.groups for block in blocks])
+
+
+def _shifted_inverse(eigen: Eigen, shift: Tensor) -> Tensor:
+    """``(F + shift I)^-1 = Q diag(1 / (e + shift)) Q^T`` per group, ``shift``
+    ``(groups,)``."""
+    return (eigen.vectors / (eigen.values + shift.unsqueeze(-1)).unsqueeze(-2)) @ eigen.vectors.mT
+
+
+def _inverse_pair_operator(a_inv: Tensor, g_inv: Tensor, counts: Sequence[int]) -> Operator:
+    """``G_inv V A_inv`` for the stacked gradients of blocks with ``counts`` groups each."""
 
     def apply(gradients: Sequence[Tensor]) -> list[Tensor]:
         dtype = gradients[0].dtype

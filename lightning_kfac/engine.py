@@ -402,13 +402,13 @@ class KFACEngine:
     ) -> Tensor | None:
         # Blocks never decomposed (the same set on every rank) keep their plain gradient and
         # stay out of the KL-clip sum.
-        batches = self._batches(n for n in learning_rates if self.state[n].decomposed)
-        grads = {}
-        for names in batches:
+        grads: dict[str, Tensor] = {}
+        batches: list[list[str]] = []  # of the blocks with a gradient
+        for names in self._batches(n for n in learning_rates if self.state[n].decomposed):
             blocks = [self.blocks[n] for n in names]
-            for name, grad in zip(names, type(blocks[0]).gradients(blocks)):
-                if grad is not None:
-                    grads[name] = grad
+            pairs = [p for p in zip(names, type(blocks[0]).gradients(blocks)) if p[1] is not None]
+            grads.update(pairs)
+            batches += [[name for name, _ in pairs]] if pairs else []
         if not grads:
             return None
         preconditioned = self.distribution.precondition(
@@ -425,7 +425,7 @@ class KFACEngine:
             scale = kl_clip_scale(total, kl_clip)
             values = tiles(list(preconditioned.values()))
             torch._foreach_mul_(values, scale.to(values[0].dtype))
-        for names in self._batches(preconditioned):
+        for names in batches:
             blocks = [self.blocks[n] for n in names]
             type(blocks[0]).set_gradients(blocks, [preconditioned[n] for n in names])
         return scale
@@ -475,17 +475,22 @@ class KFACEngine:
         grads: Mapping[str, Tensor],
         learning_rates: Mapping[str, float],
     ) -> Tensor:
-        """``sum_l lr_l**2 <V'_l, V_l>``: one inner product per distinct learning rate."""
+        """``sum_l lr_l**2 <V'_l, V_l>``: one dot product per stacked tensor of each
+        distinct learning rate's blocks."""
         by_rate: dict[float, list[str]] = defaultdict(list)
         for name in preconditioned:
             by_rate[learning_rates[name]].append(name)
-        total = None
+        terms = []  # one dot product per stacked tile: no copy of the gradients
         for rate, names in by_rate.items():
-            new = torch.cat([t.reshape(-1) for t in tiles([preconditioned[n] for n in names])])
-            old = torch.cat([t.reshape(-1) for t in tiles([grads[n] for n in names])])
-            term = torch.dot(new, old.to(new.dtype)) * rate**2
-            total = term if total is None else total + term
-        return total
+            new = tiles([preconditioned[n] for n in names])
+            old = tiles([grads[n] for n in names])
+            if [t.numel() for t in new] != [t.numel() for t in old]:  # stacked differently
+                new, old = ([torch.cat([t.reshape(-1) for t in ts])] for ts in (new, old))
+            for a, b in zip(new, old):
+                terms.append(torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype)) * rate**2)
+        if len(terms) < 2:
+            return terms[0] if terms else None
+        return torch.stack(terms).sum()
 
     def skip_step(self) -> None:
         """Drop this step's captured factors without counting the step (e.g. when a

@@ -106,6 +106,6 @@ def kl_clip_scale(weighted_inner: Tensor, kl_clip: float) -> Tensor:
     Returns:
         nu as a 0-dim tensor on the same device (no host synchronisation); 1 when s <= 0.
     """
-    positive = weighted_inner > 0
-    safe = torch.where(positive, weighted_inner, torch.ones_like(weighted_inner))
-    return torch.where(positive, (kl_clip / safe).sqrt().clamp(max=1.0), torch.ones_like(safe))
+    # s <= 0 divides to inf or a negative number, whose root where() discards
+    scale = (kl_clip / weighted_inner).sqrt_().clamp_(max=1.0)
+    return torch.where(weighted_inner > 0, scale, 1.0)

@@ -208,8 +208,9 @@ def trained(model, blocks, batched: bool, options, shape, steps: int) -> list[to
     return [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.mark.parametrize("method", ["exact", "factored"])
 @pytest.mark.parametrize("build, shape", [(deep_mlp, (6,)), (conv_net, (4, 7))])
-def test_engine_steps_equal_per_layer_ones(build, shape, monkeypatch):
+def test_engine_steps_equal_per_layer_ones(build, shape, method, monkeypatch):
     """Batched statistics, gathered and written-back gradients, the tiled KL clip: five
     steps give the parameters the per-layer path gives."""
     sizes = spy_group_sizes(monkeypatch)
@@ -217,7 +218,7 @@ def test_engine_steps_equal_per_layer_ones(build, shape, monkeypatch):
     for batched in (True, False):
         sizes.clear()
         model = build()
-        options = KFACOptions(inv_update_freq=2, kl_clip=1e-3)
+        options = KFACOptions(inv_update_freq=2, kl_clip=1e-3, damping_method=method)
         params.append(trained(model, discover(model).blocks, batched, options, (8, *shape), 5))
         assert (max(sizes, default=0) >= 3) == batched
     for got, expected in zip(*params):
