@@ -9,7 +9,8 @@ channels, whose flatten -> Linear head is 1000 wide (batch 100), each trained wi
 loop around the same engine ``KFACCallback`` uses. Configurations: SGD with momentum, Adam,
 K-FAC at the default frequencies (factors every step, decompositions every 10), and K-FAC
 with factors and decompositions every step; for the wide head also its input factor
-block-diagonal, doubly-factored, and Cholesky inverses instead of eigendecompositions. The
+block-diagonal, doubly-factored, Cholesky inverses instead of eigendecompositions, and
+factored damping with eigendecompositions (at the defaults and with rare updates). The
 configurations are interleaved in rounds (each round times ``--steps`` steps of every
 configuration), and the median over rounds is reported, so that the machine's drift hits
 all of them alike; ratios are to SGD.
@@ -96,6 +97,12 @@ WIDE_CONFIGS = {
         "sgd",
         dict(damping_method="factored"),
         dict(inverse="cholesky"),
+    ),
+    "K-FAC, factored damping (eigen)": ("sgd", dict(damping_method="factored"), None),
+    "K-FAC, rare, factored damping (eigen)": (
+        "sgd",
+        dict(damping_method="factored", factor_update_freq=10, inv_update_freq=100),
+        None,
     ),
 }
 
