@@ -27,7 +27,7 @@ from lightning_kfac.decomposition import (
     Eigen,
     SmallMatrix,
 )
-from lightning_kfac.inverse import damped_inverse_pair
+from lightning_kfac.inverse import damped_inverse_pair, eigen_inverse
 from lightning_kfac.preconditioning import (
     damped_inverse,
     damped_inverse_eigenvalues,
@@ -612,9 +612,9 @@ class KroneckerBlock(CurvatureBlock):
             damp_g, damp_a = factored_damping(
                 [eigen_g.mean_eigenvalue, eigen_a.mean_eigenvalue], damping
             )
-            return _inverse_pair_operator(
-                _shifted_inverse(eigen_a, damp_a), _shifted_inverse(eigen_g, damp_g), counts
-            )
+            a_inv = eigen_inverse(eigen_a.vectors, eigen_a.values + damp_a.unsqueeze(-1))
+            g_inv = eigen_inverse(eigen_g.vectors, eigen_g.values + damp_g.unsqueeze(-1))
+            return _inverse_pair_operator(a_inv, g_inv, counts)
         scale = damped_inverse_eigenvalues(eigen_g, eigen_a, damping, method)
         q_a, q_g = eigen_a.vectors, eigen_g.vectors
         q_a_t, q_g_t = q_a.mT, q_g.mT
@@ -675,12 +675,6 @@ def _cholesky_operator(
         damping,
     )
     return _inverse_pair_operator(a_inv, g_inv, [block.groups for block in blocks])
-
-
-def _shifted_inverse(eigen: Eigen, shift: Tensor) -> Tensor:
-    """``(F + shift I)^-1 = Q diag(1 / (e + shift)) Q^T`` per group, ``shift``
-    ``(groups,)``."""
-    return (eigen.vectors / (eigen.values + shift.unsqueeze(-1)).unsqueeze(-2)) @ eigen.vectors.mT
 
 
 def _inverse_pair_operator(a_inv: Tensor, g_inv: Tensor, counts: Sequence[int]) -> Operator:

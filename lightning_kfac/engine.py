@@ -408,7 +408,8 @@ class KFACEngine:
             blocks = [self.blocks[n] for n in names]
             pairs = [p for p in zip(names, type(blocks[0]).gradients(blocks)) if p[1] is not None]
             grads.update(pairs)
-            batches += [[name for name, _ in pairs]] if pairs else []
+            if pairs:
+                batches.append([name for name, _ in pairs])
         if not grads:
             return None
         preconditioned = self.distribution.precondition(

@@ -36,6 +36,12 @@ def damped_inverse_pair(a: Tensor, g: Tensor, damping: float) -> tuple[Tensor, T
     return _inverse(a, damp_a), _inverse(g, damp_g)
 
 
+def eigen_inverse(vectors: Tensor, values: Tensor) -> Tensor:
+    """``Q diag(1 / values) Q^T`` per group: ``vectors`` ``(groups, d, d)``, ``values``
+    ``(groups, d)``, positive."""
+    return (vectors / values.unsqueeze(-2)) @ vectors.mT
+
+
 def _inverse(matrix: Tensor, shift: Tensor) -> Tensor:
     """``(matrix + shift I)^-1`` per group, ``shift`` of shape ``(groups,)``."""
     eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
@@ -45,8 +51,7 @@ def _inverse(matrix: Tensor, shift: Tensor) -> Tensor:
     failed = info != 0
     if bool(failed.any()):  # one host read per batch, only on inversion steps
         values, vectors = torch.linalg.eigh(matrix[failed].double())
-        values = values.clamp_min(0.0) + shift[failed].double()[:, None]
-        fallback = (vectors / values.unsqueeze(-2)) @ vectors.mT
+        fallback = eigen_inverse(vectors, values.clamp_min(0.0) + shift[failed].double()[:, None])
         inverse = inverse.clone()
         inverse[failed] = fallback.to(matrix.dtype)
     return inverse
