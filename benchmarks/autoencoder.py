@@ -6,9 +6,10 @@
 The 1797 8x8 digits (scaled to [0, 1]) are encoded through 64-256-128-64-32-16 and decoded
 back (tanh layers, sigmoid cross-entropy reconstruction loss, as in Martens & Grosse's
 autoencoder experiments, here much smaller). SGD with momentum, Adam, AdamW, Muon (torch's,
-on the weight matrices, with AdamW at lr 1e-2 on the biases) and K-FAC each train with a real
-Lightning Trainer for the same number of steps at batch 256, the training loss (over the
-whole set) measured every ``--every`` steps.
+on the weight matrices, with AdamW at lr 1e-2 on the biases), SOAP (``pytorch_optimizer``'s,
+from the ``benchmarks`` extra; left out with a message where it is not installed) and K-FAC
+each train with a real Lightning Trainer for the same number of steps at batch 256, the
+training loss (over the whole set) measured every ``--every`` steps.
 
 Best-tuned: every learning rate of an optimizer's grid runs on the tuning seed; the one with
 the smallest time to the lowest target loss (then to the next, then the lowest final loss)
@@ -140,6 +141,7 @@ GRID = {
     "Adam": ("adam", [1e-3, 3e-3, 1e-2], None),
     "AdamW": ("adamw", [1e-3, 3e-3, 1e-2], None),
     "Muon (+AdamW)": ("muon", [0.01, 0.02, 0.05], None),
+    "SOAP": ("soap", [1e-3, 3e-3, 1e-2], None),
     "K-FAC": ("sgd", [0.03, 0.1, 0.3], dict(damping=1e-2)),
     # the best of benchmarks.curvature and benchmarks.schedules on this model: the true
     # Fisher (its loss averages over every output: K = N*D), rare updates
@@ -148,6 +150,19 @@ GRID = {
         [0.03, 0.1, 0.3],
         dict(
             damping=1e-2,
+            fisher="true",
+            likelihood="bernoulli",
+            loss_terms="elements",
+            factor_update_freq=10,
+            inv_update_freq=100,
+        ),
+    ),
+    "K-FAC (true Fisher, rare updates, factored damping)": (
+        "sgd",
+        [0.03, 0.1, 0.3],
+        dict(
+            damping=1e-2,
+            damping_method="factored",
             fisher="true",
             likelihood="bernoulli",
             loss_terms="elements",

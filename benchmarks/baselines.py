@@ -1,9 +1,10 @@
-"""What a user would pick instead of K-FAC, best tuned: SGD, Adam, AdamW and Muon by name,
-and the choice of each one's learning rate on a tuning seed."""
+"""What a user would pick instead of K-FAC, best tuned: SGD, Adam, AdamW, Muon and SOAP by
+name, and the choice of each one's learning rate on a tuning seed."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -14,6 +15,10 @@ from torch import nn
 
 #: AdamW's learning rate for the parameters that Muon does not take.
 MUON_ADAMW_LR = 1e-2
+
+#: Grid entries whose optimizer comes from an optional package: name -> importable module.
+#: ``pip install -e ".[benchmarks]"`` installs them.
+OPTIONAL_PACKAGES = {"SOAP": "pytorch_optimizer"}
 
 Run = TypeVar("Run")
 Entry = TypeVar("Entry")
@@ -54,7 +59,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
 def make_optimizer(
     name: str, params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    """``"sgd"`` (with ``momentum``), ``"adam"``, ``"adamw"`` or ``"muon"`` (``MuonWithAdamW``)."""
+    """``"sgd"`` (with ``momentum``), ``"adam"``, ``"adamw"``, ``"muon"`` (``MuonWithAdamW``)
+    or ``"soap"`` (``pytorch_optimizer.SOAP`` with its defaults: betas (0.95, 0.95), weight
+    decay 1e-2, a new eigenbasis every 10 steps, Adam on the 1-D parameters)."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
     if name == "adam":
@@ -63,7 +70,11 @@ def make_optimizer(
         return torch.optim.AdamW(params, lr=lr)
     if name == "muon":
         return MuonWithAdamW(params, lr=lr)
-    raise ValueError(f"optimizer must be 'sgd', 'adam', 'adamw' or 'muon', got {name!r}")
+    if name == "soap":
+        from pytorch_optimizer import SOAP
+
+        return SOAP(params, lr=lr)
+    raise ValueError(f"optimizer must be 'sgd', 'adam', 'adamw', 'muon' or 'soap', got {name!r}")
 
 
 def add_tuning_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
@@ -80,16 +91,25 @@ def selected(
     parser: argparse.ArgumentParser, args: argparse.Namespace, grid: Mapping[str, Entry]
 ) -> dict[str, Entry]:
     """The entries of ``grid`` that ``--optimizers`` names (all by default), after checking
-    the arguments of ``add_tuning_arguments``."""
+    the arguments of ``add_tuning_arguments``. An entry of ``OPTIONAL_PACKAGES`` whose package
+    is missing is an error where named and left out with a message otherwise."""
     if args.seeds < 1:
         parser.error("--seeds must be at least 1 (the seeds reported after the tuning seed)")
-    if not args.optimizers:
-        return dict(grid)
-    wanted = [name.strip() for name in args.optimizers.split(",")]
+    wanted = [name.strip() for name in args.optimizers.split(",")] if args.optimizers else []
     unknown = [name for name in wanted if name not in grid]
     if unknown:
         parser.error(f"unknown optimizers {unknown}; choose from {list(grid)}")
-    return {name: grid[name] for name in wanted}
+    chosen = {name: grid[name] for name in wanted or grid}
+    for name in list(chosen):
+        module = OPTIONAL_PACKAGES.get(name)
+        if module is None or importlib.util.find_spec(module) is not None:
+            continue
+        hint = f"{name} needs the {module} package: pip install -e '.[benchmarks]'"
+        if wanted:
+            parser.error(hint)
+        print(f"{hint}; left out of this run", flush=True)
+        del chosen[name]
+    return chosen
 
 
 def best_tuned(

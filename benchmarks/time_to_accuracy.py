@@ -1,4 +1,4 @@
-"""Time to accuracy on MNIST-1D: K-FAC against best-tuned SGD, Adam, AdamW and Muon.
+"""Time to accuracy on MNIST-1D: K-FAC against best-tuned SGD, Adam, AdamW, Muon and SOAP.
 
     python -m benchmarks.time_to_accuracy               # tables + docs/img/time_to_accuracy.png
     python -m benchmarks.time_to_accuracy --wide-head   # the CNN with a 1000-wide head
@@ -9,10 +9,11 @@ Every configuration trains the MNIST-1D baseline CNN (``examples/mnist1d_kfac.py
 real Lightning Trainer for ``--steps`` steps at batch 100, measuring test accuracy every
 ``--eval-every`` steps. Seconds are training seconds (evaluation excluded). The optimizers:
 SGD with momentum 0.9, Adam, AdamW, Muon (torch's, on the 2-D weights, with AdamW at lr
-1e-2 on biases and convolution kernels) and K-FAC (SGD with momentum 0.9, damping 1e-2), at
-the defaults, with factored damping (``damping_method="factored"``) and with rare updates
-(factors every 10 steps, decompositions every 100: what the tuning guide advises for wide
-layers).
+1e-2 on biases and convolution kernels), SOAP (``pytorch_optimizer.SOAP`` at its defaults,
+from the ``benchmarks`` extra; left out with a message where it is not installed) and K-FAC
+(SGD with momentum 0.9, damping 1e-2), at the defaults, with factored damping
+(``damping_method="factored"``) and with rare updates (factors every 10 steps,
+decompositions every 100: what the tuning guide advises for wide layers).
 
 Best-tuned: every learning rate of an optimizer's grid runs on the tuning seed; the one with
 the smallest time to the highest target (then to the next, then the best final accuracy)
@@ -45,6 +46,7 @@ GRID = {
     "Adam": (dict(optimizer="adam"), [3e-3, 1e-2, 3e-2]),
     "AdamW": (dict(optimizer="adamw"), [3e-3, 1e-2, 3e-2]),
     "Muon (+AdamW)": (dict(optimizer="muon"), [0.01, 0.02, 0.05]),
+    "SOAP": (dict(optimizer="soap"), [3e-3, 1e-2, 3e-2]),
     "K-FAC": (dict(optimizer="sgd", kfac=dict(damping=1e-2)), [0.02, 0.05, 0.1]),
     "K-FAC (factored damping)": (
         dict(optimizer="sgd", kfac=dict(damping=1e-2, damping_method="factored")),
