@@ -135,6 +135,17 @@ def fit(
     return curve
 
 
+#: The best of benchmarks.curvature and benchmarks.schedules on this model: the true Fisher
+#: (its loss averages over every output: K = N*D) and rare updates.
+TRUE_FISHER_RARE = dict(
+    damping=1e-2,
+    fisher="true",
+    likelihood="bernoulli",
+    loss_terms="elements",
+    factor_update_freq=10,
+    inv_update_freq=100,
+)
+
 #: optimizer -> (optimizer, learning-rate grid, K-FAC options or None).
 GRID = {
     "SGD": ("sgd", [0.1, 0.3, 1.0], None),
@@ -143,32 +154,11 @@ GRID = {
     "Muon (+AdamW)": ("muon", [0.01, 0.02, 0.05], None),
     "SOAP": ("soap", [1e-3, 3e-3, 1e-2], None),
     "K-FAC": ("sgd", [0.03, 0.1, 0.3], dict(damping=1e-2)),
-    # the best of benchmarks.curvature and benchmarks.schedules on this model: the true
-    # Fisher (its loss averages over every output: K = N*D), rare updates
-    "K-FAC (true Fisher, rare updates)": (
-        "sgd",
-        [0.03, 0.1, 0.3],
-        dict(
-            damping=1e-2,
-            fisher="true",
-            likelihood="bernoulli",
-            loss_terms="elements",
-            factor_update_freq=10,
-            inv_update_freq=100,
-        ),
-    ),
+    "K-FAC (true Fisher, rare updates)": ("sgd", [0.03, 0.1, 0.3], TRUE_FISHER_RARE),
     "K-FAC (true Fisher, rare updates, factored damping)": (
         "sgd",
         [0.03, 0.1, 0.3],
-        dict(
-            damping=1e-2,
-            damping_method="factored",
-            fisher="true",
-            likelihood="bernoulli",
-            loss_terms="elements",
-            factor_update_freq=10,
-            inv_update_freq=100,
-        ),
+        dict(TRUE_FISHER_RARE, damping_method="factored"),
     ),
 }
 #: Target training losses, highest first (Adam's best loss at 1500 steps was 0.233).
