@@ -18,7 +18,7 @@ def pyplot():
 def save(figure, path: str, rect: tuple[float, float, float, float] | None = None) -> None:
     """Lay out ``figure`` (within ``rect``, in figure fractions, where given: room left for
     a figure legend), write it to ``path`` (creating folders) and say where."""
-    figure.tight_layout(rect=rect or (0, 0, 1, 1))
+    figure.tight_layout(rect=rect)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     print(f"\nplot: {path}")
