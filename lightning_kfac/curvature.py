@@ -513,22 +513,21 @@ class KroneckerBlock(CurvatureBlock):
 
     def gradient(self) -> Tensor | None:
         """``V``: ``(groups, g_dim, a_dim)``, or None without a weight gradient."""
-        weight_grad = self.module.weight.grad
+        weight_grad = self._parameters[0].grad
         if weight_grad is None:
             return None
         matrix = weight_grad.reshape(self.groups, self.out_features, self.in_features)
         if not self.has_bias:
             return matrix
-        bias_grad = self.module.bias.grad
-        if bias_grad is None:
-            bias_grad = torch.zeros_like(self.module.bias)
+        bias = self._parameters[1]
+        bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
         return torch.cat([matrix, bias_grad.reshape(self.groups, self.out_features, 1)], dim=-1)
 
     def set_gradient(self, gradient: Tensor) -> None:
-        weight = self.module.weight
+        weight = self._parameters[0]
         weight.grad.copy_(gradient[..., : self.in_features].reshape(weight.shape))
-        if self.has_bias and self.module.bias.grad is not None:
-            self.module.bias.grad.copy_(gradient[..., self.in_features].reshape(-1))
+        if self.has_bias and self._parameters[1].grad is not None:
+            self._parameters[1].grad.copy_(gradient[..., self.in_features].reshape(-1))
 
     @classmethod
     def gradients(cls, blocks: Sequence[CurvatureBlock]) -> list[Tensor | None]:
@@ -646,8 +645,9 @@ def _stackable_gradients(
         or any(type(block) is not cls or block.has_bias != first.has_bias for block in blocks)
     ):
         return None
-    weights = [block.module.weight.grad for block in blocks]
-    biases = [block.module.bias.grad for block in blocks] if first.has_bias else []
+    # the blocks' own parameters: nn.Module attribute lookups cost more host time
+    weights = [block.parameters()[0].grad for block in blocks]
+    biases = [block.parameters()[1].grad for block in blocks] if first.has_bias else []
     for same in (weights, biases):
         if not all(type(g) is Tensor and g.shape == same[0].shape for g in same):
             return None
