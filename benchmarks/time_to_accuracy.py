@@ -149,22 +149,23 @@ def main() -> None:
 
     if plot != "none":
         plt = pyplot()
-        figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4.8))
         for name, (lr, others) in best.items():
             steps, seconds, accuracy = zip(*others[0].history)
             axes[0].plot(seconds, accuracy, label=f"{name} (lr {lr:g})")
-            axes[1].plot(steps, accuracy, label=f"{name} (lr {lr:g})")
+            axes[1].plot(steps, accuracy)
         for axis, xlabel in zip(axes, ("training seconds", "optimizer steps")):
             for target, style in zip(TARGETS, ("-", "--")):
                 axis.axhline(target, color="grey", linewidth=0.5, linestyle=style)
             axis.set_xlabel(xlabel)
             axis.set_ylabel("test accuracy")
             axis.set_ylim(0.5, 1.0)
-            axis.legend()
+        # below the axes: inside them the legend hid the curves where they cross the targets
+        figure.legend(loc="lower center", ncol=3, fontsize="small")
         figure.suptitle(
             f"{title}: test accuracy, best-tuned learning rates, seed {args.tuning_seed + 1} (CPU)"
         )
-        save(figure, plot)
+        save(figure, plot, rect=(0, 0.16, 1, 1))
 
 
 if __name__ == "__main__":
