@@ -251,9 +251,8 @@ def main() -> None:
             axis.set_xlabel(xlabel)
             axis.set_ylabel("training loss (whole set)")
             axis.set_yscale("log")
-        figure.legend(loc="lower center", ncol=3, fontsize="small")
         figure.suptitle("Deep autoencoder on scikit-learn digits (CPU)")
-        save(figure, args.plot, rect=(0, 0.16, 1, 1))
+        save(figure, args.plot, legend_below=True)
 
 
 if __name__ == "__main__":

@@ -160,12 +160,10 @@ def main() -> None:
             axis.set_xlabel(xlabel)
             axis.set_ylabel("test accuracy")
             axis.set_ylim(0.5, 1.0)
-        # below the axes: inside them the legend hid the curves where they cross the targets
-        figure.legend(loc="lower center", ncol=3, fontsize="small")
         figure.suptitle(
             f"{title}: test accuracy, best-tuned learning rates, seed {args.tuning_seed + 1} (CPU)"
         )
-        save(figure, plot, rect=(0, 0.16, 1, 1))
+        save(figure, plot, legend_below=True)
 
 
 if __name__ == "__main__":
