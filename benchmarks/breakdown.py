@@ -72,16 +72,19 @@ class PhaseRunner:
             if engine is not None:
                 engine.start_microbatch()
             optimizer.zero_grad()
+            # the hooks' own timer, reset by factor steps: read before and after each pass
+            hooks_start = engine.capture.seconds if engine is not None else 0.0
             forward_start = clock()
             loss = F.cross_entropy(run.model(run.x[index]), run.y[index])
             forward_end = clock()
-            forward_hooks = engine.capture.seconds if engine is not None else 0.0
+            hooks_forward_end = engine.capture.seconds if engine is not None else 0.0
+            forward_hooks = hooks_forward_end - hooks_start
             loss.backward()
             backward_end = step_end = clock()
             backward_hooks = 0.0
             if engine is not None:
-                hooks = engine.capture.seconds  # the hooks' own timer, reset by the step
-                backward_hooks = hooks - forward_hooks
+                hooks = engine.capture.seconds  # what the factor step counts as hook time
+                backward_hooks = hooks - hooks_forward_end
                 stats = engine.step(optimizer.param_groups)
                 step_end = clock()
                 update = stats.factor_seconds - hooks if stats.factor_seconds else 0.0
