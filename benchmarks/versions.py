@@ -8,7 +8,8 @@ another name (``lightning_kfac_against``, its imports rewritten) and imported ne
 one, so both engines train the same models in the same process, their rounds interleaved
 with SGD's: on a shared machine whose speed drifts by tens of percent within minutes,
 timings taken in separate runs cannot tell a 5% change. Models are those of
-``benchmarks/overhead.py``; the K-FAC configuration is the defaults, or ``--options``.
+``benchmarks/overhead.py``; the K-FAC configuration is the defaults, or ``--options``
+(``KFACOptions``) and ``--discovery`` (plain ``discover`` keywords, e.g. ``factor_examples``).
 Medians over ``--rounds`` rounds of ``--steps`` steps; ratios are to SGD.
 """
 
@@ -49,7 +50,7 @@ def import_other(tree: Path, into: Path):
 class Runner:
     """One model and SGD optimizer, preconditioned by one package's engine (or none)."""
 
-    def __init__(self, build, shape, batch, package, options: dict) -> None:
+    def __init__(self, build, shape, batch, package, options: dict, discovery: dict) -> None:
         torch.manual_seed(0)
         self.model = build()
         self.x = torch.randn(POOL, batch, *shape)
@@ -61,7 +62,7 @@ class Runner:
             discover = importlib.import_module(f"{package}.discovery").discover
             engine = importlib.import_module(f"{package}.engine").KFACEngine
             kfac_options = importlib.import_module(f"{package}.options").KFACOptions
-            blocks = discover(self.model).blocks
+            blocks = discover(self.model, **discovery).blocks
             self.engine = engine(blocks, kfac_options(**options), warn=lambda message: None)
             self.engine.attach()
 
@@ -86,6 +87,9 @@ def main() -> None:
     parser.add_argument(
         "--options", default="{}", help="KFACOptions keywords, e.g. '{\"inv_update_freq\": 100}'"
     )
+    parser.add_argument(
+        "--discovery", default="{}", help="discover keywords, e.g. '{\"factor_examples\": 32}'"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps: a smoke test")
     add_clock_argument(parser)
     parser.set_defaults(clock="process")
@@ -97,12 +101,13 @@ def main() -> None:
         parser.error("--against: the source tree to compare with is required")
     torch.set_num_threads(args.threads)
     options = dict(ast.literal_eval(args.options))
+    discovery = dict(ast.literal_eval(args.discovery))
     clock = CLOCKS[args.clock]
     with tempfile.TemporaryDirectory() as scratch:
         import_other(args.against.resolve(), Path(scratch))
         print(
             f"{torch.get_num_threads()} threads, {args.clock} clock; median of {args.rounds} "
-            f"rounds x {args.steps} steps; K-FAC options {options}\n"
+            f"rounds x {args.steps} steps; K-FAC options {options}, discovery {discovery}\n"
         )
         print("| model | SGD ms/step | other ms/step (/ SGD) | this ms/step (/ SGD) | this/other |")
         print("| --- | ---: | ---: | ---: | ---: |")
@@ -111,7 +116,7 @@ def main() -> None:
             if wanted and not any(part in name for part in wanted):
                 continue
             runners = {
-                label: Runner(build, shape, batch, package, options)
+                label: Runner(build, shape, batch, package, options, discovery)
                 for label, package in (("SGD", None), ("other", RENAMED), ("this", PACKAGE))
             }
             for runner in runners.values():

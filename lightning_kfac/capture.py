@@ -159,6 +159,8 @@ class _Batched:
     x: Tensor
     #: ``x._version`` when the layer ran: the input must not have changed since
     version: int
+    #: N of the call's pass
+    examples: int
     grad: Tensor | None = None
 
 
@@ -382,7 +384,8 @@ class FactorCapture:
                 inputs = _stack([call.batched.x for call in group]).to(self.dtype)
                 grads = _stack([call.batched.grad for call in group])
                 grads = self._unscaled(grads)  # undone before the products
-                results = type(blocks[0]).batched_statistics(blocks, inputs, grads)
+                examples = group[0].batched.examples  # the key's subset came from it: one per key
+                results = type(blocks[0]).batched_statistics(blocks, inputs, grads, examples)
                 if weight is not None:  # in place, on the products the views are slices of
                     outputs = tiles([t for *_, out in results for t in out.values()])
                     torch._foreach_mul_(outputs, weight)
@@ -499,7 +502,8 @@ class FactorCapture:
             else None
         )
         if key is not None:
-            call, context = _Sums(batched=_Batched(name, block, key, x, x._version)), None
+            batched = _Batched(name, block, key, x, x._version, self._examples)
+            call, context = _Sums(batched=batched), None
             self._pending[name].append(call)
         else:
             with _full_precision(x.device.type):

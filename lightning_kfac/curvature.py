@@ -165,7 +165,7 @@ class CurvatureBlock(ABC):
 
     @classmethod
     def batched_statistics(
-        cls, blocks: Sequence[CurvatureBlock], inputs: Tensor, grads: Tensor
+        cls, blocks: Sequence[CurvatureBlock], inputs: Tensor, grads: Tensor, examples: int
     ) -> list[tuple[dict[str, Tensor], int, dict[str, Tensor]]]:
         """``capture_input`` and ``capture_output`` of L calls of one statistics batch key at
         once: one ``(input statistics, rows, output statistics)`` per call.
@@ -175,6 +175,7 @@ class CurvatureBlock(ABC):
             inputs: the calls' inputs, stacked: ``(L, *x.shape)`` (detached, factor dtype).
             grads: their output gradients, stacked: ``(L, *output.shape)`` (loss scale
                 undone, factor dtype).
+            examples: N of the calls' pass (the ``examples`` of their batch key).
         """
         raise NotImplementedError(f"{cls.__name__} does not batch its statistics")
 
@@ -377,11 +378,15 @@ class KroneckerBlock(CurvatureBlock):
         return None
 
     def statistics_batch_key(self, x: Tensor, output: Tensor, examples: int) -> Hashable | None:
-        """Dense sides, expand, every example, and a layer whose inputs stack
-        (``stacked_geometry``): calls of one class, widths, geometry and shapes batch."""
+        """Dense sides, expand, and a layer whose inputs stack (``stacked_geometry``): calls
+        of one class, widths, geometry, shapes and ``factor_examples`` subset batch. With a
+        subset, only calls whose input and output lead with the example dimension."""
         widths = self._widths_key()  # read on every call: computed once
-        if widths is None or self.reduce or self._subset(examples) is not None:
+        if widths is None or self.reduce:
             return None
+        subset = self._subset(examples)
+        if subset is not None and (x.shape[0] != examples or output.shape[0] != examples):
+            return None  # the subset is sliced from the stacked calls' second dimension
         geometry = self.stacked_geometry(x)
         elements = output.numel()
         rows = elements // max(self.out_features, 1) * self.in_features
@@ -392,7 +397,7 @@ class KroneckerBlock(CurvatureBlock):
             device.type
         ):  # autograd keeps a cast copy: x itself may change in place after the layer ran
             return None
-        return (widths, geometry, x.shape, output.shape, x.dtype, output.dtype, device)
+        return (widths, geometry, subset, x.shape, output.shape, x.dtype, output.dtype, device)
 
     def _widths_key(self) -> Hashable | None:
         """The class and widths that calls batched together share; None unless dense."""
@@ -406,15 +411,22 @@ class KroneckerBlock(CurvatureBlock):
 
     @classmethod
     def batched_statistics(
-        cls, blocks: Sequence[CurvatureBlock], inputs: Tensor, grads: Tensor
+        cls, blocks: Sequence[CurvatureBlock], inputs: Tensor, grads: Tensor, examples: int
     ) -> list[tuple[dict[str, Tensor], int, dict[str, Tensor]]]:
         """One Gram product per factor for all L calls: the rows of the stacked inputs (and
-        output gradients) are those of each call in turn."""
+        output gradients) are those of each call in turn. With ``factor_examples`` n', those
+        of each call's first n' examples, ``G`` scaled by N / n' (as ``capture_output``)."""
         first, calls = blocks[0], len(blocks)
+        subset = first._subset(examples)
+        if subset is not None:  # the batch key made sure every call leads with its examples
+            inputs, grads = inputs[:, :subset], grads[:, :subset]
         a = _per_call(first.input_rows(inputs.flatten(0, 1)), calls)
         g = _per_call(first.output_rows(grads.flatten(0, 1)), calls)
         a_statistics = gram(a, first.has_bias).unflatten(0, (calls, first.groups)).unbind(0)
-        g_statistics = (g.mT @ g).unflatten(0, (calls, first.groups)).unbind(0)
+        g_products = g.mT @ g
+        if subset is not None:  # n' examples' output statistics stand for the pass's N
+            g_products = g_products * (examples / subset)
+        g_statistics = g_products.unflatten(0, (calls, first.groups)).unbind(0)
         rows = a.shape[1]
         return [({"A": a}, rows, {"G": g}) for a, g in zip(a_statistics, g_statistics)]
 

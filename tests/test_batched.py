@@ -52,9 +52,9 @@ def spy_group_sizes(monkeypatch) -> list[int]:
     sizes: list[int] = []
     original = KroneckerBlock.batched_statistics.__func__
 
-    def spy(cls, blocks, inputs, grads):
+    def spy(cls, blocks, inputs, grads, examples):
         sizes.append(len(blocks))
-        return original(cls, blocks, inputs, grads)
+        return original(cls, blocks, inputs, grads, examples)
 
     monkeypatch.setattr(KroneckerBlock, "batched_statistics", classmethod(spy))
     return sizes
@@ -100,6 +100,40 @@ def test_batched_statistics_equal_per_layer_ones(build, shape, passes, loss_scal
     for name in expected:
         for key in expected[name]:
             torch.testing.assert_close(got[name][key], expected[name][key], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("build, shape", [(deep_mlp, (6,)), (conv_net, (4, 7))])
+def test_batched_statistics_of_part_of_the_batch_equal_per_layer_ones(build, shape, monkeypatch):
+    """``factor_examples``: the batched path slices each stacked call's first n' examples
+    and scales G by N / n', as the hooks do (whose estimators test_factor_examples checks
+    against explicit references); here also against one for the first layer."""
+    model = build()
+    x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
+
+    def subset_factors(batched: bool):
+        blocks = discover(model, factor_examples=3).blocks
+        capture = attached_capture(blocks, batched)
+        capture.start_microbatch()
+        F.cross_entropy(model(x), y).backward()
+        out = capture.pop()
+        capture.detach()
+        model.zero_grad()
+        return {name: batch.factors for name, batch in out.items()}
+
+    sizes = spy_group_sizes(monkeypatch)
+    got = subset_factors(True)
+    assert max(sizes) >= 3  # the shape group went through one batched product
+    expected = subset_factors(False)
+    assert got.keys() == expected.keys() and len(got) == len(discover(model).blocks)
+    for name in expected:
+        for key in expected[name]:
+            torch.testing.assert_close(got[name][key], expected[name][key], rtol=1e-12, atol=0)
+    if build is deep_mlp:  # the first layer against the reference estimators of 3 examples
+        out = model[0](x).detach().requires_grad_()
+        g_hat = 8 * torch.autograd.grad(F.cross_entropy(model[1:](out), y), out)[0][:3]
+        rows = torch.cat([x[:3], torch.ones(3, 1)], dim=1)
+        torch.testing.assert_close(got["0"]["A"][0], rows.T @ rows / 3, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(got["0"]["G"][0], g_hat.T @ g_hat / 3, rtol=1e-12, atol=1e-15)
 
 
 def test_batched_factors_match_a_per_example_reference():
