@@ -151,8 +151,8 @@ def main() -> None:
     table(tuning)
     seeds = f"{args.tuning_seed + 1}..{args.tuning_seed + args.seeds}"
     print(
-        f"\nBest-tuned learning rates (smallest time to {TARGETS[-1]:.0%}, then "
-        f"{TARGETS[0]:.0%}, on the tuning seed); medians over seeds {seeds}:\n"
+        f"\nBest-tuned learning rates (fewest steps to {TARGETS[-1]:.0%}, then to "
+        f"{TARGETS[0]:.0%}, then least time, on the tuning seed); medians over seeds {seeds}:\n"
     )
     table([(name, lr, medians(others)) for name, (lr, others) in best.items()])
 
