@@ -425,7 +425,7 @@ class KroneckerBlock(CurvatureBlock):
         a_statistics = gram(a, first.has_bias).unflatten(0, (calls, first.groups)).unbind(0)
         g_products = g.mT @ g
         if subset is not None:  # n' examples' output statistics stand for the pass's N
-            g_products = g_products * (examples / subset)
+            g_products.mul_(examples / subset)
         g_statistics = g_products.unflatten(0, (calls, first.groups)).unbind(0)
         rows = a.shape[1]
         return [({"A": a}, rows, {"G": g}) for a, g in zip(a_statistics, g_statistics)]

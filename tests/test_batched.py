@@ -74,8 +74,8 @@ def attached_capture(blocks, batched: bool, dtype=torch.float64) -> FactorCaptur
     return capture
 
 
-def factors_of(model, x, y, batched: bool, loss_scale: float = 1.0, passes: int = 1):
-    capture = attached_capture(discover(model).blocks, batched)
+def factors_of(model, x, y, batched: bool, loss_scale: float = 1.0, passes: int = 1, **discovery):
+    capture = attached_capture(discover(model, **discovery).blocks, batched)
     for part in torch.arange(x.shape[0]).chunk(passes):
         capture.start_microbatch(loss_scale=loss_scale / passes)
         loss = F.cross_entropy(model(x[part]), y[part]) * loss_scale / passes
@@ -109,21 +109,10 @@ def test_batched_statistics_of_part_of_the_batch_equal_per_layer_ones(build, sha
     against explicit references); here also against one for the first layer."""
     model = build()
     x, y = torch.randn(8, *shape), torch.randint(0, 3, (8,))
-
-    def subset_factors(batched: bool):
-        blocks = discover(model, factor_examples=3).blocks
-        capture = attached_capture(blocks, batched)
-        capture.start_microbatch()
-        F.cross_entropy(model(x), y).backward()
-        out = capture.pop()
-        capture.detach()
-        model.zero_grad()
-        return {name: batch.factors for name, batch in out.items()}
-
     sizes = spy_group_sizes(monkeypatch)
-    got = subset_factors(True)
+    got = factors_of(model, x, y, True, factor_examples=3)
     assert max(sizes) >= 3  # the shape group went through one batched product
-    expected = subset_factors(False)
+    expected = factors_of(model, x, y, False, factor_examples=3)
     assert got.keys() == expected.keys() and len(got) == len(discover(model).blocks)
     for name in expected:
         for key in expected[name]:
